@@ -1,0 +1,126 @@
+"""Registry credentials, read from the files podman and docker write.
+
+Lookup order (first file that has an entry for the registry wins), as podman does:
+`$REGISTRY_AUTH_FILE`, `${XDG_RUNTIME_DIR}/containers/auth.json`,
+`~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a
+registry (`quay.io`), a registry with a namespace (`quay.io/org`, most specific
+wins) or a URL (`https://index.docker.io/v1/`). Credentials are never logged:
+`Credentials.__repr__` hides the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AuthenticationFailed
+
+__all__ = ["Credentials", "auth_files", "find_credentials"]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+    source: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password=***, source={self.source!r})"
+
+
+def auth_files() -> list[Path]:
+    files: list[Path] = []
+    if env := os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env))
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(Path(runtime) / "containers" / "auth.json")
+    elif os.geteuid() != 0:
+        files.append(Path(f"/run/user/{os.geteuid()}/containers/auth.json"))
+    elif (Path("/run/containers/0/auth.json")).exists():
+        files.append(Path("/run/containers/0/auth.json"))
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    files.append(config_home / "containers" / "auth.json")
+    docker_config = os.environ.get("DOCKER_CONFIG")
+    files.append(Path(docker_config) / "config.json" if docker_config else Path.home() / ".docker" / "config.json")
+    return files
+
+
+def find_credentials(
+    registry: str, repository: str, files: Iterable[Path] | None = None
+) -> Credentials | None:
+    """Credentials for `registry/repository`, or None for anonymous access."""
+    for path in auth_files() if files is None else files:
+        auths = _read_auths(path)
+        if auths is None:
+            continue
+        best = _best_entry(auths, registry, repository)
+        if best is not None:
+            key, entry = best
+            return _decode(entry, f"{path} [{key}]")
+    return None
+
+
+def _read_auths(path: Path) -> dict[str, dict[str, str]] | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuthenticationFailed(f"cannot read credentials file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError:
+        raise AuthenticationFailed(
+            f"credentials file {path} is not valid JSON: fix or remove it"
+        ) from None
+    auths = data.get("auths") if isinstance(data, dict) else None
+    return auths if isinstance(auths, dict) else {}
+
+
+def _normalise_key(key: str) -> str:
+    for prefix in ("https://", "http://"):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    key = key.removesuffix("/v1/").removesuffix("/v2/").rstrip("/")
+    if key in ("index.docker.io/v1", "index.docker.io", "registry-1.docker.io"):
+        key = "docker.io"
+    return key
+
+
+def _best_entry(
+    auths: dict[str, dict[str, str]], registry: str, repository: str
+) -> tuple[str, dict[str, str]] | None:
+    registry = "docker.io" if registry in ("registry.hub.docker.com", "index.docker.io") else registry
+    wanted = f"{registry}/{repository}"
+    best: tuple[int, str, dict[str, str]] | None = None
+    for key, entry in auths.items():
+        norm = _normalise_key(key)
+        if norm == wanted or wanted.startswith(norm + "/") or norm == registry:
+            score = len(norm)
+            if isinstance(entry, dict) and (best is None or score > best[0]):
+                best = (score, key, entry)
+    return (best[1], best[2]) if best else None
+
+
+def _decode(entry: dict[str, str], source: str) -> Credentials | None:
+    if "auth" in entry and entry["auth"]:
+        try:
+            decoded = base64.b64decode(entry["auth"], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthenticationFailed(
+                f"credentials in {source} are not base64 'user:password'"
+            ) from None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise AuthenticationFailed(f"credentials in {source} are not 'user:password'")
+        return Credentials(user, password, source)
+    if entry.get("username") and entry.get("password"):
+        return Credentials(entry["username"], entry["password"], source)
+    if entry.get("identitytoken"):
+        return Credentials("<token>", entry["identitytoken"], source)
+    return None

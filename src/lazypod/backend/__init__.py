@@ -1,0 +1,65 @@
+"""Storage backends: where a conversion run writes, and how readers see it whole.
+
+A backend opens a `PublishRun`. The converter stages layers through it, writes
+image metadata, calls `flush()` (after which the repository under
+`layout.root` holds everything written so far), renders the views through the
+same run, and calls `commit()`. The `dir` backend makes every single write
+atomic (temporary sibling, then rename); the `cvmfs` backend batches them into
+a bounded number of CVMFS publishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import IO, Protocol
+
+from ..digest import Digest
+from ..layout import Layout
+from ..repository import LayerRecord
+from ..unpack import LayerSink
+
+__all__ = ["Backend", "PublishRun", "StagedLayer", "TreeWriter"]
+
+
+class TreeWriter(Protocol):
+    """Writes under the repository root so that readers see each change whole."""
+
+    layout: Layout
+    public_root: str  # the absolute path at which clients see the repository
+
+    def write_file(self, rel: str, data: bytes, mode: int = 0o644) -> None: ...
+    def symlink(self, rel: str, target: str) -> None: ...
+    def replace_dir(self, rel: str, fill: Callable[[Path], None]) -> None: ...
+    def remove(self, rel: str) -> None: ...
+    def make_dir(self, rel: str) -> None: ...
+    def touch_lock(self, rel: str, token: bytes) -> None: ...
+    def lock_files(self, rels: list[str]) -> AbstractContextManager[None]: ...
+
+
+class StagedLayer(Protocol):
+    """A layer being unpacked; invisible to readers until committed."""
+
+    sink: LayerSink
+    tar_split: IO[bytes]
+
+    def commit(self, record: LayerRecord) -> None: ...
+    def abort(self) -> None: ...
+
+
+class PublishRun(TreeWriter, Protocol):
+    def has_layer(self, digest: Digest) -> bool: ...
+    def stage_layer(self, digest: Digest) -> StagedLayer: ...
+    def flush(self) -> None: ...
+    def commit(self) -> None: ...
+
+    @property
+    def publishes(self) -> int: ...
+
+
+class Backend(Protocol):
+    name: str
+    layout: Layout
+
+    def run(self) -> AbstractContextManager[PublishRun]: ...

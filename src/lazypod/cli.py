@@ -1,0 +1,221 @@
+"""The `lazypod` command: a thin layer over the library.
+
+Command names follow DUCC (`convert`, `convert-single-image`, `loop`,
+`garbage-collection`, `check-image-syntax`) so its users find them.
+Exit status: 0 done, 1 something failed (one line on stderr says what to do),
+2 bad usage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .backend import Backend
+from .backend.directory import DirectoryBackend
+from .convert import ConvertOptions, Converter, RunReport, expand_wildcards
+from .errors import LazypodError
+from .logs import setup_logging
+from .manifest import Platform
+from .podman_config import PodmanConfig
+from .progress import make_progress
+from .recipe import load_recipe
+from .reference import ImageReference, parse_reference
+from .registry import RegistryClient
+from .views import ViewOptions
+
+log = logging.getLogger("lazypod")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail_cleanly(func: F) -> F:
+    """LazypodError -> one line on stderr and exit status 1, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LazypodError as exc:
+            click.echo(f"lazypod: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("lazypod: interrupted; the repository is as before this run "
+                       "(rerun to complete the work)", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lazypod")
+@click.option("-v", "--verbose", count=True, help="More detail (-v: info, -vv: debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Log lines as text, or as JSON objects for daemons.")
+def main(verbose: int, log_format: str) -> None:
+    """Publish container images as unpacked layers on CVMFS (or any shared file
+    system) and let podman run them from there, with no pull."""
+    setup_logging(verbose, log_format == "json")
+
+
+def _registry_options(func: F) -> F:
+    func = click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+                        help="Allow plain HTTP (or unverified TLS) for this registry; "
+                             "repeatable. registries.conf `insecure = true` works too.")(func)
+    func = click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="Platform to take from multi-platform images "
+                             "(default: this machine's).")(func)
+    return func
+
+
+def _publish_options(func: F) -> F:
+    func = click.option("-p", "--skip-podman", is_flag=True,
+                        help="Do not write the podman image store (.podmanStore).")(func)
+    func = click.option("-s", "--skip-flat", is_flag=True,
+                        help="Do not write flat root file systems (.flat) and public links.")(func)
+    func = click.option("--public-root", metavar="PATH",
+                        help="Absolute path at which clients see the repository, for the "
+                             "podman store's links (default: the repository path; "
+                             "/cvmfs/NAME for CVMFS).")(func)
+    func = click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True,
+                        help="Layers fetched and unpacked at once.")(func)
+    func = click.option("--progress/--no-progress", default=None,
+                        help="Progress bars (default: when stderr is a terminal).")(func)
+    return func
+
+
+def _backend(repository: str, public_root: str | None) -> Backend:
+    return DirectoryBackend(Path(repository), public_root=public_root)
+
+
+def _run_conversion(
+    references: list[ImageReference],
+    repository: str,
+    *,
+    insecure: tuple[str, ...],
+    platform: str | None,
+    skip_podman: bool,
+    skip_flat: bool,
+    public_root: str | None,
+    workers: int,
+    progress: bool | None,
+) -> RunReport:
+    options = ConvertOptions(
+        platform=Platform.parse(platform) if platform else None,
+        views=ViewOptions(podman_store=not skip_podman, flat=not skip_flat),
+        workers=workers,
+    )
+    reporter = make_progress(progress)
+    try:
+        with RegistryClient(insecure=insecure) as registry:
+            expanded: list[ImageReference] = []
+            for ref in references:
+                expanded += expand_wildcards(registry, ref)
+            converter = Converter(_backend(repository, public_root), registry, options, reporter)
+            report = converter.convert(expanded)
+    finally:
+        reporter.close()
+    _print_report(report)
+    if not report.ok:
+        failed = [r for r in report.images if not r.ok]
+        raise LazypodError(
+            f"{len(failed)} of {len(report.images)} images failed: "
+            + "; ".join(f"{r.reference}: {r.error}" for r in failed)
+        )
+    return report
+
+
+def _print_report(report: RunReport) -> None:
+    for image in report.images:
+        if image.ok:
+            click.echo(f"{image.reference.podman_name}  {image.manifest_digest}  "
+                       f"layers {image.layers} (fetched {image.fetched_layers}, "
+                       f"{image.fetched_bytes / 1e6:.1f} MB)  {image.seconds:.1f}s", err=True)
+    if report.views and report.views.store:
+        store = report.views.store
+        click.echo(f"podman store: {store.images} images, {store.layers} layers "
+                   f"({store.added_layers} new)", err=True)
+
+
+@main.command("convert-single-image")
+@click.argument("image")
+@click.argument("repository")
+@_registry_options
+@_publish_options
+@_fail_cleanly
+def convert_single_image(image: str, repository: str, **kwargs: Any) -> None:
+    """Convert IMAGE (e.g. docker.io/library/debian:bookworm) into REPOSITORY.
+
+    REPOSITORY is a directory, created if missing. The layers are unpacked once
+    under .layers/, the manifest and config go to .metadata/, and the podman
+    image store .podmanStore/ is updated; run `lazypod podman-config REPOSITORY`
+    for the podman settings that use it.
+    """
+    _run_conversion([parse_reference(image)], repository, **kwargs)
+
+
+@main.command("convert")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("repository", required=False)
+@_registry_options
+@_publish_options
+@_fail_cleanly
+def convert(recipe: Path, repository: str | None, **kwargs: Any) -> None:
+    """Convert every image of a DUCC RECIPE (wishlist, YAML) into REPOSITORY.
+
+    Tags may be wildcards (`image:*`, `image:v1.*`). Without REPOSITORY, the
+    recipe's cvmfs_repo is used.
+    """
+    parsed = load_recipe(recipe)
+    target = repository or parsed.cvmfs_repo
+    if not target:
+        raise click.UsageError("the recipe has no cvmfs_repo: give REPOSITORY")
+    if parsed.output_format:
+        log.info("recipe output_format (DUCC thin images) is not used by lazypod")
+    _run_conversion(list(parsed.images), target, **kwargs)
+
+
+@main.command("check-image-syntax")
+@click.argument("image")
+@_fail_cleanly
+def check_image_syntax(image: str) -> None:
+    """Parse IMAGE and print how lazypod and podman will name it."""
+    ref = parse_reference(image, allow_wildcard=True)
+    click.echo(f"registry:    {ref.registry}")
+    click.echo(f"repository:  {ref.repository}")
+    click.echo(f"tag:         {ref.tag or ''}")
+    click.echo(f"digest:      {ref.digest or ''}")
+    click.echo(f"podman name: {ref.podman_name}")
+    click.echo(f"layout name: {ref.public_name}")
+
+
+@main.command("podman-config")
+@click.argument("repository")
+@click.option("--rootless", "mode", flag_value="rootless", help="Only the rootless settings.")
+@click.option("--rootful", "mode", flag_value="rootful", help="Only the rootful settings.")
+@click.option("--storage-opts", is_flag=True,
+              help="Print `--storage-opt` flags for one podman command instead of storage.conf.")
+def podman_config(repository: str, mode: str | None, storage_opts: bool) -> None:
+    """Print the podman settings that run images from REPOSITORY (the path where
+    podman sees it, e.g. /cvmfs/unpacked.cern.ch)."""
+    config = PodmanConfig(str(Path(repository).absolute()))
+    modes = [mode == "rootless"] if mode else [False, True]
+    for i, rootless in enumerate(modes):
+        if storage_opts:
+            click.echo(" ".join(f"--storage-opt {opt}" for opt in config.storage_opts(
+                rootless=rootless)))
+        else:
+            if i:
+                click.echo()
+            click.echo(config.storage_conf(rootless=rootless), nl=False)
+
+
+if __name__ == "__main__":
+    main()

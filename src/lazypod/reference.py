@@ -1,0 +1,188 @@
+"""Image references: the docker grammar and DUCC's URL form, normalised as podman does.
+
+Accepted forms::
+
+    ubuntu                                   -> docker.io/library/ubuntu:latest
+    ubuntu:22.04, library/ubuntu:22.04       -> docker.io/library/ubuntu:22.04
+    docker://quay.io/centos/centos:stream9   (podman's transport prefix)
+    host:5000/a/b:tag@sha256:<hex>           (tag kept as the name, digest pulled and checked)
+    https://registry.hub.docker.com/library/ubuntu:latest   (DUCC; http:// means plain HTTP)
+
+The registry is kept as written (DUCC writes `registry.hub.docker.com/...` links and
+users rely on them); `podman_name` is the fully qualified name podman stores and
+looks up, with every Docker Hub alias folded into `docker.io`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .digest import Digest
+from .errors import InvalidReference
+
+__all__ = ["DOCKER_HUB", "ImageReference", "parse_reference"]
+
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
+_HUB_API = "registry-1.docker.io"
+
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST_RE = re.compile(
+    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?$"
+)
+_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG_PATTERN_RE = re.compile(r"^[\w*][\w.*-]{0,127}$")
+_NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A parsed, normalised image reference."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: Digest | None = None
+    scheme: str | None = None  # "http" or "https" when given in DUCC's URL form
+
+    @property
+    def podman_registry(self) -> str:
+        return DOCKER_HUB if self.registry in _HUB_ALIASES else self.registry
+
+    @property
+    def api_host(self) -> str:
+        """host[:port] that serves the distribution API for this registry."""
+        return _HUB_API if self.registry in _HUB_ALIASES else self.registry
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.registry in _HUB_ALIASES
+
+    @property
+    def has_wildcard(self) -> bool:
+        return self.tag is not None and "*" in self.tag
+
+    @property
+    def podman_name(self) -> str:
+        """The name podman stores: `docker.io/library/ubuntu:22.04` or `repo@sha256:...`."""
+        base = f"{self.podman_registry}/{self.repository}"
+        if self.tag is not None:
+            return f"{base}:{self.tag}"
+        assert self.digest is not None
+        return f"{base}@{self.digest}"
+
+    @property
+    def public_name(self) -> str:
+        """The name in the repository layout (`.metadata/<name>`, the public link)."""
+        base = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            return f"{base}:{self.tag}"
+        assert self.digest is not None
+        return f"{base}@{self.digest}"
+
+    @property
+    def manifest_ref(self) -> str:
+        """What to ask the registry for: the digest when pinned, else the tag."""
+        if self.digest is not None:
+            return str(self.digest)
+        assert self.tag is not None
+        return self.tag
+
+    def with_tag(self, tag: str) -> ImageReference:
+        return replace(self, tag=tag)
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_reference(text: str, *, allow_wildcard: bool = False) -> ImageReference:
+    """Parse an image reference; raise InvalidReference naming the bad part."""
+    original = text
+    text = text.strip()
+    if not text:
+        raise InvalidReference("empty image reference")
+    scheme: str | None = None
+    if text.startswith("docker://"):
+        text = text[len("docker://") :]
+    elif "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise InvalidReference(
+                f"invalid image reference {original!r}: scheme {scheme!r} is not http, "
+                "https or docker"
+            )
+        if "/" not in text:
+            raise InvalidReference(
+                f"invalid image reference {original!r}: a URL needs registry/repository"
+            )
+
+    name, digest = _split_digest(text, original)
+    name, tag = _split_tag(name, original, allow_wildcard)
+
+    registry, remainder = _split_registry(name, force_registry=scheme is not None)
+    if not _HOST_RE.match(registry):
+        raise InvalidReference(f"invalid image reference {original!r}: bad registry {registry!r}")
+    if registry in _HUB_ALIASES and "/" not in remainder:
+        remainder = f"library/{remainder}"
+    if registry == "index.docker.io" and scheme is None:
+        registry = DOCKER_HUB
+    for component in remainder.split("/"):
+        if not _PATH_COMPONENT_RE.match(component):
+            hint = " (repository names must be lowercase)" if component.lower() != component else ""
+            raise InvalidReference(
+                f"invalid image reference {original!r}: bad repository component "
+                f"{component!r}{hint}"
+            )
+    if len(registry) + 1 + len(remainder) > _NAME_MAX:
+        raise InvalidReference(
+            f"invalid image reference {original!r}: name longer than {_NAME_MAX} characters"
+        )
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageReference(registry, remainder, tag, digest, scheme)
+
+
+def _split_digest(text: str, original: str) -> tuple[str, Digest | None]:
+    if "@" not in text:
+        return text, None
+    name, _, digest_text = text.partition("@")
+    try:
+        digest = Digest.parse(digest_text)
+    except InvalidReference as exc:
+        raise InvalidReference(f"invalid image reference {original!r}: {exc}") from None
+    return name, digest
+
+
+def _split_tag(name: str, original: str, allow_wildcard: bool) -> tuple[str, str | None]:
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon <= slash:  # no tag, or the colon belongs to host:port
+        return name, None
+    tag = name[colon + 1 :]
+    pattern = _TAG_PATTERN_RE if allow_wildcard else _TAG_RE
+    if not pattern.match(tag):
+        why = " (wildcards only in recipes)" if "*" in tag and not allow_wildcard else ""
+        raise InvalidReference(f"invalid image reference {original!r}: bad tag {tag!r}{why}")
+    return name[:colon], tag
+
+
+def _split_registry(name: str, *, force_registry: bool) -> tuple[str, str]:
+    if not name:
+        raise InvalidReference("invalid image reference: empty name")
+    first, sep, rest = name.partition("/")
+    if force_registry:
+        return first, rest
+    looks_like_host = "." in first or ":" in first or first == "localhost" or first != first.lower()
+    if not sep or not looks_like_host:
+        return DOCKER_HUB, name
+    return first, rest

@@ -1,0 +1,211 @@
+"""The repository as one in-memory model, read from `.layers` and `.metadata` only.
+
+Every view (podman image store, layer store, flat trees, links) is rendered from a
+`RepositoryState`, never from what a conversion happened to hold in memory; that
+is what lets a client build views for a repository it did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .digest import Digest
+from .errors import LazypodError
+from .layout import LAYERS, METADATA, Layout
+from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
+from .reference import ImageReference, parse_reference
+
+__all__ = ["ImageRecord", "LayerRecord", "RepositoryState", "layer_record_json"]
+
+log = logging.getLogger(__name__)
+
+TAR_SPLIT = "tar-split.json.gz"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One directory `.layers/<h2>/<h>`; `digest` is the compressed blob's digest."""
+
+    digest: Digest
+    diff_id: Digest | None = None
+    diff_size: int | None = None
+    created: str | None = None
+    uidset: tuple[int, ...] = ()
+    gidset: tuple[int, ...] = ()
+    has_tar_split: bool = False
+    complete: bool = True  # False: a directory without layers.json (DUCC's oldest layers)
+
+
+def layer_record_json(record: LayerRecord) -> bytes:
+    """DUCC's layers.json: a list with one object (uidset/gidset are our addition)."""
+    assert record.diff_id is not None and record.diff_size is not None
+    obj: dict[str, Any] = {
+        "id": record.diff_id.hex,
+        "created": record.created,
+        "compressed-diff-digest": str(record.digest),
+        "diff-digest": str(record.diff_id),
+        "diff-size": record.diff_size,
+    }
+    if record.uidset:
+        obj["uidset"] = list(record.uidset)
+    if record.gidset:
+        obj["gidset"] = list(record.gidset)
+    return json.dumps([obj], indent=1).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One directory `.metadata/<name>` holding manifest.json (and config.json)."""
+
+    public_name: str
+    reference: ImageReference
+    manifest: ImageManifest
+    config: ImageConfig | None
+    index: ManifestIndex | None = None
+    manifest_digest_known: bool = True  # False for DUCC's re-encoded manifest.json
+
+    @property
+    def podman_name(self) -> str:
+        return self.reference.podman_name
+
+
+@dataclass
+class RepositoryState:
+    layout: Layout
+    images: list[ImageRecord] = field(default_factory=list)
+    layers: dict[Digest, LayerRecord] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, layout: Layout) -> RepositoryState:
+        state = cls(layout)
+        state.layers = dict(_scan_layers(layout.root / LAYERS))
+        for rel in _scan_image_dirs(layout.root / METADATA):
+            try:
+                state.images.append(_load_image(layout, rel))
+            except (LazypodError, OSError, ValueError) as exc:
+                state.problems.append(f"image {rel}: {exc}")
+        state.images.sort(key=lambda image: image.public_name)
+        return state
+
+    def layer(self, digest: Digest) -> LayerRecord | None:
+        return self.layers.get(digest)
+
+    def image(self, public_name: str) -> ImageRecord | None:
+        return next((i for i in self.images if i.public_name == public_name), None)
+
+
+def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
+    meta = layer_dir / METADATA
+    try:
+        data = json.loads((meta / "layers.json").read_bytes())
+    except FileNotFoundError:
+        return LayerRecord(digest, complete=False)
+    entry = data[0] if isinstance(data, list) and data else data
+    if not isinstance(entry, dict):
+        raise ValueError("layers.json is not a list of objects")
+    diff_text = entry.get("diff-digest") or (f"sha256:{entry['id']}" if entry.get("id") else None)
+    diff_size = entry.get("diff-size")
+    return LayerRecord(
+        digest=digest,
+        diff_id=Digest.parse(diff_text) if diff_text else None,
+        diff_size=int(diff_size) if diff_size is not None and int(diff_size) >= 0 else None,
+        created=entry.get("created"),
+        uidset=tuple(int(u) for u in entry.get("uidset") or ()),
+        gidset=tuple(int(g) for g in entry.get("gidset") or ()),
+        has_tar_split=(meta / TAR_SPLIT).exists(),
+    )
+
+
+def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
+    for prefix in _listdir(layers_root):
+        if len(prefix) != 2:
+            continue
+        for name in _listdir(layers_root / prefix):
+            if len(name) != 64 or not name.startswith(prefix):
+                continue
+            digest = Digest("sha256", name)
+            try:
+                yield digest, read_layer_record(layers_root / prefix / name, digest)
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("layer %s: unreadable layers.json (%s); treating it as missing",
+                            name[:12], exc)
+                yield digest, LayerRecord(digest, complete=False)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(metadata_root):
+        rel = os.path.relpath(dirpath, metadata_root)
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            continue
+        dirnames.sort()
+        if "manifest.json" in filenames:
+            yield rel
+
+
+def _load_image(layout: Layout, rel: str) -> ImageRecord:
+    directory = layout.root / METADATA / rel
+    raw = (directory / "manifest.json").read_bytes()
+    manifest, digest_known = _parse_stored_manifest(raw)
+    reference = _reference_for(rel, manifest.digest)
+    config: ImageConfig | None = None
+    with contextlib.suppress(FileNotFoundError):
+        config_raw = (directory / "config.json").read_bytes()
+        config_digest = Digest.of(config_raw, manifest.config.digest.algorithm)
+        if config_digest == manifest.config.digest:
+            config = ImageConfig.parse(config_raw, config_digest)
+        else:
+            log.warning("%s: config.json does not match the manifest's config; ignoring it", rel)
+    index: ManifestIndex | None = None
+    with contextlib.suppress(FileNotFoundError):
+        index_raw = (directory / "index.json").read_bytes()
+        parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
+        if isinstance(parsed, ManifestIndex):
+            index = parsed
+    return ImageRecord(rel, reference, manifest, config, index, digest_known)
+
+
+def _parse_stored_manifest(raw: bytes) -> tuple[ImageManifest, bool]:
+    """A manifest as fetched, or as DUCC re-encodes it (Go field names, no json tags)."""
+    obj = json.loads(raw)
+    digest_known = True
+    if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
+        obj = _lower_keys(obj)
+        raw = json.dumps(obj, separators=(",", ":")).encode()
+        digest_known = False
+    parsed = parse_manifest(raw, None, Digest.of(raw))
+    if not isinstance(parsed, ImageManifest):
+        raise ValueError("manifest.json holds an index, not an image manifest")
+    return parsed, digest_known
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k[:1].lower() + k[1:]: _lower_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lower_keys(v) for v in value]
+    return value
+
+
+def _reference_for(rel: str, manifest_digest: Digest) -> ImageReference:
+    last = rel.rsplit("/", 1)[-1]
+    if ":" not in last and "@" not in rel:
+        # DUCC names a digest-only image by its repository alone.
+        return parse_reference(f"{rel}@{manifest_digest}")
+    return parse_reference(rel)
+

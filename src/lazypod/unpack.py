@@ -1,0 +1,435 @@
+"""Unpack a layer tarball into the overlay format every podman overlay reads.
+
+The tar stream is judged member by member (names through `securepath`,
+hardlink targets inside the layer, no writing through symlinks, reserved
+overlay xattrs refused) and handed to a `LayerSink` as plain operations; the
+sink decides where they land (a directory on disk for the `dir` backend, a
+rewritten tar for `cvmfs_server ingest`). Whiteouts are translated here, in
+one place:
+
+* `.wh.NAME`       -> `sink.whiteout(NAME)`: a 0/0 character device
+* `.wh..wh..opq`   -> `sink.opaque(DIR)`: `trusted.overlay.opaque=y` and
+                      `user.overlay.opaque=y` (rootful kernel overlay reads the
+                      first; rootless kernel overlay and fuse-overlayfs the second)
+* `.wh..wh.*`      -> dropped (AUFS bookkeeping, as containers/storage does)
+
+A tar-split of the stream is written on the way, so podman can rebuild the
+original tarball byte for byte (`podman save`, `podman push`).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import fastcrc
+
+from .errors import BackendError, LayerError, UnsafeLayer
+from .securepath import LayerDir, SafePath, clean_member_name, display
+from .tarstream import MemberType, TarMember, TarReader
+
+__all__ = [
+    "OPAQUE_XATTRS",
+    "DirectorySink",
+    "LayerSink",
+    "Meta",
+    "TarSplitWriter",
+    "UnpackStats",
+    "unpack_layer",
+]
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+META_PREFIX = b".wh..wh."
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+# Xattrs that steer overlayfs itself: a layer must not bring its own.
+_RESERVED_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+@dataclass(frozen=True)
+class Meta:
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    atime_ns: int
+    xattrs: dict[str, bytes]
+
+
+class LayerSink(Protocol):
+    """Where the judged operations of one layer land."""
+
+    def directory(self, path: SafePath, meta: Meta) -> None: ...
+    def file(self, path: SafePath, meta: Meta, chunks: Iterable[memoryview]) -> None: ...
+    def symlink(self, path: SafePath, meta: Meta, target: bytes) -> None: ...
+    def hardlink(self, path: SafePath, target: SafePath) -> None: ...
+    def device(self, path: SafePath, meta: Meta, kind: str, major: int, minor: int) -> None: ...
+    def fifo(self, path: SafePath, meta: Meta) -> None: ...
+    def whiteout(self, path: SafePath, meta: Meta) -> None: ...
+    def opaque(self, path: SafePath) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class UnpackStats:
+    uids: set[int] = field(default_factory=set)
+    gids: set[int] = field(default_factory=set)
+    entries: int = 0
+    content_bytes: int = 0
+    whiteouts: int = 0
+    opaque_dirs: int = 0
+
+
+class TarSplitWriter:
+    """Writes the tar-split of a layer (vbatts/tar-split JSON lines, as podman stores it)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._position = 0
+
+    def segment(self, raw: bytes) -> None:
+        if raw:
+            self._out.write(b'{"type":2,"payload":"%s","position":%d}\n'
+                            % (base64.b64encode(raw), self._position))
+            self._position += 1
+
+    def file(self, name: bytes, size: int, crc: int | None) -> None:
+        try:
+            name_field = b'"name":' + json.dumps(name.decode("utf-8")).encode()
+        except UnicodeDecodeError:
+            name_field = b'"name_raw":"' + base64.b64encode(name) + b'"'
+        if size:
+            assert crc is not None
+            payload = b'"' + base64.b64encode(crc.to_bytes(8, "big")) + b'"'
+            self._out.write(b'{"type":1,%s,"size":%d,"payload":%s,"position":%d}\n'
+                            % (name_field, size, payload, self._position))
+        else:
+            self._out.write(b'{"type":1,%s,"payload":null,"position":%d}\n'
+                            % (name_field, self._position))
+        self._position += 1
+
+
+class _Crc:
+    """CRC-64/ISO of a payload as it streams past (tar-split's file checksum)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def wrap(self, chunks: Iterator[memoryview]) -> Iterator[memoryview]:
+        for chunk in chunks:
+            self.value = fastcrc.crc64.go_iso(chunk, self.value)
+            yield chunk
+
+
+def unpack_layer(
+    tar: TarReader,
+    sink: LayerSink,
+    tar_split: TarSplitWriter | None = None,
+    *,
+    warn: Callable[[str], None] = lambda message: None,
+) -> UnpackStats:
+    """Judge every member of `tar` and hand it to `sink`; raise on the first bad one."""
+    stats = UnpackStats()
+    judge = _Judge()
+    for member in tar:
+        if tar_split is not None:
+            tar_split.segment(member.raw_header)
+        crc = _Crc()
+        chunks = crc.wrap(member.chunks()) if tar_split is not None else member.chunks()
+        try:
+            _dispatch(member, chunks, sink, judge, stats, warn)
+        except OSError as exc:
+            raise _os_error(exc, member.unsafe_name) from None
+        for _ in chunks:  # payload the sink did not want (whiteouts, dump dirs)
+            pass
+        if tar_split is not None:
+            tar_split.file(member.unsafe_name, member.size, crc.value if member.size else None)
+        stats.entries += 1
+        stats.uids.add(member.uid)
+        stats.gids.add(member.gid)
+        stats.content_bytes += member.size
+    if tar_split is not None:
+        tar_split.segment(tar.trailer)
+    try:
+        sink.finish()
+    except OSError as exc:
+        raise _os_error(exc, b"(directory metadata)") from None
+    return stats
+
+
+class _Judge:
+    """What this layer has put where so far: refuses links out and writes through symlinks."""
+
+    def __init__(self) -> None:
+        self.seen: dict[SafePath, str] = {}
+        self.symlinks: set[SafePath] = set()
+
+    def check_parents(self, path: SafePath, unsafe_name: bytes) -> None:
+        if self.symlinks:
+            for i in range(1, len(path)):
+                if path[:i] in self.symlinks:
+                    raise UnsafeLayer(
+                        f"layer member {display(unsafe_name)!r} is written through symlink "
+                        f"{display(path[:i])!r}: refusing the layer"
+                    )
+
+    def record(self, path: SafePath, kind: str) -> None:
+        self.seen[path] = kind
+        if kind == MemberType.SYMLINK:
+            self.symlinks.add(path)
+        else:
+            self.symlinks.discard(path)
+
+
+def _dispatch(
+    member: TarMember,
+    chunks: Iterator[memoryview],
+    sink: LayerSink,
+    judge: _Judge,
+    stats: UnpackStats,
+    warn: Callable[[str], None],
+) -> None:
+    path = clean_member_name(member.unsafe_name)
+    judge.check_parents(path, member.unsafe_name)
+    meta = Meta(
+        mode=member.mode,
+        uid=member.uid,
+        gid=member.gid,
+        mtime_ns=member.mtime_ns,
+        atime_ns=member.atime_ns if member.atime_ns is not None else member.mtime_ns,
+        xattrs=_allowed_xattrs(member, warn),
+    )
+    base = path[-1] if path else b""
+    if base.startswith(WHITEOUT_PREFIX):
+        if base == OPAQUE_MARKER:
+            sink.opaque(path[:-1])
+            stats.opaque_dirs += 1
+        elif not base.startswith(META_PREFIX):
+            hidden = base[len(WHITEOUT_PREFIX) :]
+            if hidden in (b"", b".", b".."):
+                raise UnsafeLayer(f"layer member {display(member.unsafe_name)!r} is a "
+                                  "whiteout of nothing: refusing the layer")
+            sink.whiteout((*path[:-1], hidden), meta)
+            judge.record((*path[:-1], hidden), "whiteout")
+            stats.whiteouts += 1
+        return
+    kind = member.type
+    if not path and kind != MemberType.DIR:
+        raise LayerError(f"layer member {display(member.unsafe_name)!r} names the layer root "
+                         "but is not a directory")
+    if kind == MemberType.DIR:
+        sink.directory(path, meta)
+    elif kind == MemberType.FILE:
+        sink.file(path, meta, chunks)
+    elif kind == MemberType.SYMLINK:
+        sink.symlink(path, meta, member.unsafe_linkname)
+    elif kind == MemberType.HARDLINK:
+        target = clean_member_name(member.unsafe_linkname)
+        judge.check_parents(target, member.unsafe_linkname)
+        target_kind = judge.seen.get(target)
+        if target_kind is None or target_kind in (MemberType.DIR, "whiteout"):
+            raise UnsafeLayer(
+                f"layer member {display(member.unsafe_name)!r} is a hardlink to "
+                f"{display(member.unsafe_linkname)!r}, which is not a file of this layer: "
+                "refusing the layer"
+            )
+        if target != path:
+            sink.hardlink(path, target)
+        kind = target_kind
+    elif kind in (MemberType.CHAR, MemberType.BLOCK):
+        sink.device(path, meta, kind, member.devmajor, member.devminor)
+    elif kind == MemberType.FIFO:
+        sink.fifo(path, meta)
+    judge.record(path, kind)
+
+
+def _allowed_xattrs(member: TarMember, warn: Callable[[str], None]) -> dict[str, bytes]:
+    if not member.xattrs:
+        return member.xattrs
+    allowed = {}
+    for name, value in member.xattrs.items():
+        if name.startswith(_RESERVED_XATTRS):
+            warn(f"dropped xattr {name} of {display(member.unsafe_name)!r}: it would steer "
+                 "overlayfs")
+        else:
+            allowed[name] = value
+    return allowed
+
+
+def _os_error(exc: OSError, unsafe_name: bytes) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BackendError(f"no space left on device while writing {display(unsafe_name)!r}: "
+                            "free space in the repository and rerun")
+    return LayerError(f"cannot write layer member {display(unsafe_name)!r}: "
+                      f"{exc.strerror or exc}")
+
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DirectorySink:
+    """Writes a layer into a directory on a local (or any POSIX) file system."""
+
+    def __init__(self, root: Path, *, warn: Callable[[str], None] = lambda message: None) -> None:
+        self._dir = LayerDir(root)
+        self._same_owner = os.geteuid() == 0
+        self._deferred: dict[SafePath, Meta] = {}
+        self._opaque: set[SafePath] = set()
+        self._warn = warn
+
+    # -- operations ----------------------------------------------------------
+
+    def directory(self, path: SafePath, meta: Meta) -> None:
+        if path:
+            parent, name = self._dir.parent(path)
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                    self._clear(path, parent, name)
+                    os.mkdir(name, 0o700, dir_fd=parent)
+        self._deferred[path] = meta  # mtimes and modes are set once all children exist
+
+    def file(self, path: SafePath, meta: Meta, chunks: Iterable[memoryview]) -> None:
+        parent, name = self._dir.parent(path)
+        try:
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._clear(path, parent, name)
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            for chunk in chunks:
+                while chunk:
+                    written = os.write(fd, chunk)
+                    chunk = chunk[written:]
+            self._set_meta_fd(fd, meta, path)
+        finally:
+            os.close(fd)
+
+    def symlink(self, path: SafePath, meta: Meta, target: bytes) -> None:
+        parent, name = self._dir.parent(path)
+        try:
+            os.symlink(target, name, dir_fd=parent)
+        except FileExistsError:
+            self._clear(path, parent, name)
+            os.symlink(target, name, dir_fd=parent)
+        self._set_meta_at(parent, name, meta, path, chmod=False)
+
+    def hardlink(self, path: SafePath, target: SafePath) -> None:
+        target_parent, target_name = self._dir.parent(target, create=False)
+        parent, name = self._dir.parent(path)
+        try:
+            os.link(target_name, name, src_dir_fd=target_parent, dst_dir_fd=parent,
+                    follow_symlinks=False)
+        except FileExistsError:
+            self._clear(path, parent, name)
+            target_parent, target_name = self._dir.parent(target, create=False)
+            os.link(target_name, name, src_dir_fd=target_parent, dst_dir_fd=parent,
+                    follow_symlinks=False)
+
+    def device(self, path: SafePath, meta: Meta, kind: str, major: int, minor: int) -> None:
+        kind_bits = stat.S_IFCHR if kind == MemberType.CHAR else stat.S_IFBLK
+        self._mknod(path, meta, kind_bits | meta.mode, os.makedev(major, minor))
+
+    def fifo(self, path: SafePath, meta: Meta) -> None:
+        self._mknod(path, meta, stat.S_IFIFO | meta.mode, 0)
+
+    def whiteout(self, path: SafePath, meta: Meta) -> None:
+        parent, name = self._dir.parent(path)
+        self._remove_if_present(path, parent, name)
+        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
+        if self._same_owner:
+            os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+
+    def opaque(self, path: SafePath) -> None:
+        self._dir.directory(path)
+        self._opaque.add(path)
+
+    def finish(self) -> None:
+        for path in self._deferred.keys() | self._opaque:
+            fd = self._dir.open_dir(path)
+            try:
+                if path in self._opaque:
+                    for name in OPAQUE_XATTRS:
+                        os.setxattr(fd, name, b"y")
+                if path in self._deferred:
+                    self._set_meta_fd(fd, self._deferred[path], path)
+            finally:
+                os.close(fd)
+        self._dir.close()
+
+    def abandon(self) -> None:
+        self._dir.close()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _mknod(self, path: SafePath, meta: Meta, mode: int, device: int) -> None:
+        parent, name = self._dir.parent(path)
+        self._remove_if_present(path, parent, name)
+        try:
+            os.mknod(name, mode, device, dir_fd=parent)
+        except PermissionError:
+            raise LayerError(f"cannot create device node {display(path)!r}: unpacking device "
+                             "nodes needs root") from None
+        self._set_meta_at(parent, name, meta, path, chmod=True)
+
+    def _set_meta_fd(self, fd: int, meta: Meta, path: SafePath) -> None:
+        if self._same_owner:
+            os.fchown(fd, meta.uid, meta.gid)
+        os.fchmod(fd, meta.mode)  # after chown, which clears setuid/setgid
+        for key, value in meta.xattrs.items():
+            self._setxattr(fd, key, value, path)
+        os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
+
+    def _set_meta_at(
+        self, parent: int, name: bytes, meta: Meta, path: SafePath, *, chmod: bool
+    ) -> None:
+        if self._same_owner:
+            os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        if chmod:  # the node was just made by us and is not a symlink
+            os.chmod(name, meta.mode, dir_fd=parent)
+        if meta.xattrs:
+            proc = self._dir.proc_path(parent, name)
+            for key, value in meta.xattrs.items():
+                self._setxattr(proc, key, value, path)
+        os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+    def _setxattr(self, target: int | bytes, key: str, value: bytes, path: SafePath) -> None:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as exc:
+            # As containers/storage does: a file system or node kind without support for
+            # this xattr namespace (user.* on symlinks, say) is a warning, not a failure.
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            self._warn(f"xattr {key} of {display(path)!r} not kept: {exc.strerror}")
+
+    def _remove_if_present(self, path: SafePath, parent: int, name: bytes) -> None:
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        self._clear(path, parent, name)
+
+    def _clear(self, path: SafePath, parent: int, name: bytes) -> None:
+        """Remove what a later member replaces (a directory goes with its content)."""
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent)
+            return
+        shutil.rmtree(name, dir_fd=parent)
+        self._dir.forget_under(path)
+        depth = len(path)
+        self._deferred = {p: m for p, m in self._deferred.items() if p[:depth] != path}
+        self._opaque = {p for p in self._opaque if p[:depth] != path}

@@ -1,0 +1,65 @@
+"""Views: everything derived from `.layers` + `.metadata`, rendered from one
+RepositoryState by separate writers (origin records, podman image store, flat
+trees and public links)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..backend import TreeWriter
+from ..digest import Digest
+from ..repository import RepositoryState
+from .podman_store import StoreReport, render_image_store
+
+__all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    podman_store: bool = True
+    flat: bool = True
+
+
+@dataclass
+class ViewsReport:
+    store: StoreReport | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOptions) -> ViewsReport:
+    report = ViewsReport()
+
+    def warn(message: str) -> None:
+        report.warnings.append(message)
+        log.warning("%s", message)
+
+    for problem in state.problems:
+        warn(problem)
+    render_origins(state, writer)
+    if options.podman_store:
+        report.store = render_image_store(state, writer, warn)
+    return report
+
+
+def render_origins(state: RepositoryState, writer: TreeWriter) -> None:
+    """`.layers/.../.metadata/origin.json`: the images that use each layer."""
+    users: dict[Digest, set[str]] = defaultdict(set)
+    for image in state.images:
+        for layer in image.manifest.layers:
+            users[layer.digest].add(image.public_name)
+    for digest, record in state.layers.items():
+        if not record.complete:
+            continue
+        data = json.dumps({"origin": sorted(users.get(digest, ()))}, indent=1).encode() + b"\n"
+        rel = f"{state.layout.layer_rel(digest)}/.metadata/origin.json"
+        try:
+            if (state.layout.root / rel).read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        writer.write_file(rel, data)

@@ -1,0 +1,349 @@
+"""The podman *additional image store* view (`.podmanStore`), in containers/storage's
+own overlay layout, rendered from a RepositoryState.
+
+Layer IDs are computed as containers/image computes them when it pulls (the base
+layer's ID is its diff ID; layer n's is sha256("<ID n-1>+<diff ID n>")), so a
+plain `podman pull` of another image finds every layer it shares with the store
+and downloads only the rest. `overlay/<id>/diff` is an absolute symlink to the
+layer's `layerfs`: no layer content is ever copied.
+
+Update order keeps readers whole: new layer directories and big-data files
+first, then layers.json, then images.json (both replaced by rename, under the
+stores' lock files), then fresh lock tokens so long-running podman processes
+reload, and only then removal of what no image uses any more.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backend import TreeWriter
+from ..digest import Digest
+from ..layout import PODMAN_STORE
+from ..manifest import Compression, Descriptor
+from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
+
+__all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store"]
+
+IMAGES_JSON = "overlay-images/images.json"
+LAYERS_JSON = "overlay-layers/layers.json"
+IMAGES_LOCK = "overlay-images/images.lock"
+LAYERS_LOCK = "overlay-layers/layers.lock"
+_PLAIN_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
+
+
+@dataclass(frozen=True)
+class StoreLayer:
+    id: str
+    parent: str | None
+    record: LayerRecord
+    blob: Descriptor
+    link: str
+    lowers: tuple[str, ...]  # link names of all lower layers, nearest first
+
+    def entry(self, created: str) -> dict[str, Any]:
+        assert self.record.diff_id is not None
+        obj: dict[str, Any] = {"id": self.id}
+        if self.parent:
+            obj["parent"] = self.parent
+        obj["created"] = self.record.created or created
+        obj["compressed-diff-digest"] = str(self.blob.digest)
+        obj["compressed-size"] = self.blob.size
+        obj["diff-digest"] = str(self.record.diff_id)
+        obj["diff-size"] = self.record.diff_size
+        code = Compression.STORAGE_CODE.get(self.blob.compression, 0)
+        if code:
+            obj["compression"] = code
+        if self.record.uidset:
+            obj["uidset"] = list(self.record.uidset)
+        if self.record.gidset:
+            obj["gidset"] = list(self.record.gidset)
+        return obj
+
+
+@dataclass
+class StoreImage:
+    id: str
+    top_layer: str | None
+    created: str
+    names: list[str] = field(default_factory=list)
+    big_data: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""
+
+    def entry(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"id": self.id, "digest": self.digest, "names": self.names}
+        if self.top_layer:
+            obj["layer"] = self.top_layer
+        keys = list(self.big_data)
+        obj["big-data-names"] = keys
+        obj["big-data-sizes"] = {k: len(v) for k, v in self.big_data.items()}
+        obj["big-data-digests"] = {k: str(Digest.of(v)) for k, v in self.big_data.items()}
+        obj["created"] = self.created
+        return obj
+
+
+@dataclass
+class StoreModel:
+    layers: dict[str, StoreLayer] = field(default_factory=dict)
+    images: dict[str, StoreImage] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def chain_ids(diff_ids: list[Digest]) -> list[str]:
+    """Layer IDs as containers/image assigns them on pull."""
+    ids: list[str] = []
+    for diff_id in diff_ids:
+        if not ids:
+            ids.append(diff_id.hex)
+        else:
+            ids.append(hashlib.sha256(f"{ids[-1]}+{diff_id.hex}".encode()).hexdigest())
+    return ids
+
+
+def link_name(layer_id: str) -> str:
+    """A stable 26-character name for `overlay/l/` (podman draws a random one)."""
+    digest = hashlib.sha256(b"lazypod-link:" + layer_id.encode()).digest()
+    return base64.b32encode(digest).decode()[:26]
+
+
+def big_data_file_name(key: str) -> str:
+    """containers/storage's file name for a big-data key."""
+    if key and set(key) <= _PLAIN_KEY:
+        return key
+    return "=" + base64.b64encode(key.encode()).decode()
+
+
+def build_store_model(state: RepositoryState, warn: Callable[[str], None]) -> StoreModel:
+    model = StoreModel()
+    owners: dict[str, str] = {}
+    for image in state.images:
+        why = _add_image(model, state, image, owners)
+        if why:
+            model.skipped.append(f"{image.public_name}: {why}")
+            warn(f"podman store: skipping {image.public_name}: {why}")
+    return model
+
+
+def _add_image(
+    model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str]
+) -> str | None:
+    config = image.config
+    if config is None:
+        return "no config.json next to its manifest (run `lazypod views` with registry access)"
+    if any(layer.is_foreign for layer in image.manifest.layers):
+        return "it has foreign (non-distributable) layers, which are not in the repository"
+    if len(config.diff_ids) != len(image.manifest.layers):
+        return "its config and manifest disagree on the number of layers"
+    if image.podman_name in owners:
+        return f"podman name {image.podman_name} is already taken by {owners[image.podman_name]}"
+    records: list[LayerRecord] = []
+    for blob, diff_id in zip(image.manifest.layers, config.diff_ids, strict=True):
+        record = state.layer(blob.digest)
+        if record is None or not record.complete:
+            return f"layer {blob.digest.short} is missing from .layers"
+        if record.diff_id != diff_id:
+            return f"layer {blob.digest.short} has diff ID {record.diff_id}, config says {diff_id}"
+        if record.diff_size is None:
+            return f"layer {blob.digest.short} has no diff-size in its layers.json"
+        records.append(record)
+    ids = chain_ids(list(config.diff_ids))
+    links: list[str] = []
+    for i, (layer_id, record, blob) in enumerate(
+        zip(ids, records, image.manifest.layers, strict=True)
+    ):
+        if layer_id not in model.layers:
+            model.layers[layer_id] = StoreLayer(
+                id=layer_id,
+                parent=ids[i - 1] if i else None,
+                record=record,
+                blob=blob,
+                link=link_name(layer_id),
+                lowers=tuple(reversed(links)),
+            )
+        links.append(model.layers[layer_id].link)
+    owners[image.podman_name] = image.public_name
+    store_image = model.images.get(config.digest.hex)
+    if store_image is None:
+        store_image = model.images[config.digest.hex] = StoreImage(
+            id=config.digest.hex,
+            top_layer=ids[-1] if ids else None,
+            created=config.created or "1970-01-01T00:00:00Z",
+            digest=str(image.manifest.digest),
+        )
+        store_image.big_data[str(config.digest)] = config.raw
+        store_image.big_data["manifest"] = image.manifest.raw
+    store_image.names.append(image.podman_name)
+    if image.index is not None:
+        store_image.big_data[f"manifest-{image.index.digest}"] = image.index.raw
+    store_image.big_data[f"manifest-{image.manifest.digest}"] = image.manifest.raw
+    return None
+
+
+def lock_token() -> bytes:
+    """A fresh containers/storage "last write" token: ns time, counter, pid, random."""
+    return struct.pack("<QQI", time.time_ns(), 1, os.getpid() & 0xFFFFFFFF) + secrets.token_bytes(44)
+
+
+@dataclass
+class StoreReport:
+    images: int
+    layers: int
+    added_layers: int
+    removed_layers: int
+    skipped: list[str]
+
+
+def render_image_store(
+    state: RepositoryState,
+    writer: TreeWriter,
+    warn: Callable[[str], None],
+    *,
+    prefix: str = PODMAN_STORE,
+    layers_root: str | None = None,
+) -> StoreReport:
+    """Bring `<prefix>` (under the writer's root) in line with `state`.
+
+    `layers_root` is the absolute path at which podman will find the repository's
+    `.layers` (default: the writer's public root), for stores built elsewhere.
+    """
+    model = build_store_model(state, warn)
+    root = writer.layout.root / prefix
+    public = layers_root or writer.public_root
+    old_layers = _read_ids(root / LAYERS_JSON)
+    old_images = _read_ids(root / IMAGES_JSON)
+    created = _now()
+
+    for skeleton in ("overlay/l", "overlay-images", "overlay-layers"):
+        writer.make_dir(f"{prefix}/{skeleton}")
+    added = 0
+    for layer in model.layers.values():
+        target = f"{public}/{state.layout.layer_rel(layer.record.digest)}/layerfs"
+        added += _ensure_layer_dir(writer, root, prefix, layer, target)
+        writer.symlink(f"{prefix}/overlay/l/{layer.link}", f"../{layer.id}/diff")
+        if layer.record.has_tar_split:
+            writer.symlink(
+                f"{prefix}/overlay-layers/{layer.id}.tar-split.gz",
+                f"{public}/{state.layout.layer_rel(layer.record.digest)}/.metadata/{TAR_SPLIT}",
+            )
+    for image in model.images.values():
+        image.names.sort()
+        _ensure_big_data(writer, root, prefix, image)
+
+    layer_entries = {lid: layer.entry(created) for lid, layer in model.layers.items()}
+    for lid, entry in old_layers.items():
+        if lid in layer_entries and "created" in entry:
+            layer_entries[lid]["created"] = entry["created"]  # keep the first publication time
+    stale_layers = set(old_layers) - set(layer_entries)
+    stale_images = set(old_images) - set(model.images)
+
+    with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
+        if stale_layers:  # removed images first leave layers.json a superset meanwhile
+            union = [*layer_entries.values(), *(old_layers[i] for i in sorted(stale_layers))]
+            writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(union))
+        writer.write_file(f"{prefix}/{IMAGES_JSON}",
+                          _dump([image.entry() for image in model.images.values()]))
+        writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(list(layer_entries.values())))
+        writer.touch_lock(f"{prefix}/{LAYERS_LOCK}", lock_token())
+        writer.touch_lock(f"{prefix}/{IMAGES_LOCK}", lock_token())
+
+    for image_id in stale_images:
+        writer.remove(f"{prefix}/overlay-images/{image_id}")
+    _remove_stale_layers(writer, root, prefix, model)
+    return StoreReport(len(model.images), len(model.layers), added, len(stale_layers),
+                       model.skipped)
+
+
+def _ensure_layer_dir(
+    writer: TreeWriter, root: Path, prefix: str, layer: StoreLayer, target: str
+) -> int:
+    directory = root / "overlay" / layer.id
+    lower = ":".join(f"l/{name}" for name in layer.lowers)
+    try:
+        current_ok = (
+            os.readlink(directory / "diff") == target
+            and (directory / "link").read_text() == layer.link
+            and (not lower or (directory / "lower").read_text() == lower)
+        )
+    except OSError:
+        current_ok = False
+    if current_ok:
+        return 0
+
+    def fill(path: Path) -> None:
+        os.symlink(target, path / "diff")
+        (path / "link").write_text(layer.link)
+        if lower:
+            (path / "lower").write_text(lower)
+        for name in ("link", "lower"):
+            if (path / name).exists():
+                os.chmod(path / name, 0o644)
+
+    writer.replace_dir(f"{prefix}/overlay/{layer.id}", fill)
+    return 1
+
+
+def _ensure_big_data(writer: TreeWriter, root: Path, prefix: str, image: StoreImage) -> None:
+    directory = root / "overlay-images" / image.id
+    files = {big_data_file_name(k): v for k, v in image.big_data.items()}
+    try:
+        present = set(os.listdir(directory))
+        current_ok = present == set(files) and all(
+            (directory / name).read_bytes() == data for name, data in files.items()
+        )
+    except OSError:
+        current_ok = False
+    if current_ok:
+        return
+
+    def fill(path: Path) -> None:
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+            os.chmod(path / name, 0o644)
+
+    writer.replace_dir(f"{prefix}/overlay-images/{image.id}", fill)
+
+
+def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, model: StoreModel) -> None:
+    wanted_links = {layer.link for layer in model.layers.values()}
+    for name in _listdir(root / "overlay"):
+        if name != "l" and name not in model.layers:
+            writer.remove(f"{prefix}/overlay/{name}")
+    for name in _listdir(root / "overlay" / "l"):
+        if name not in wanted_links:
+            writer.remove(f"{prefix}/overlay/l/{name}")
+    for name in _listdir(root / "overlay-layers"):
+        if name.endswith(".tar-split.gz") and name.removesuffix(".tar-split.gz") not in model.layers:
+            writer.remove(f"{prefix}/overlay-layers/{name}")
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _read_ids(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        entries = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return {e["id"]: e for e in entries if isinstance(e, dict) and "id" in e}
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
