@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .backend import Backend, PublishRun, StagedLayer
 from .compression import MeasuringReader, open_decompressed
@@ -102,7 +103,10 @@ class Converter:
         result = ImageResult(ref)
         started = time.monotonic()
         try:
-            image = self._registry.resolve(ref, self._options.platform)
+            config_path = run.layout.image_dir(ref.public_name) / "config.json"
+            image = self._registry.resolve(
+                ref, self._options.platform, lambda _digest: _read_or_none(config_path)
+            )
             result.manifest_digest = image.manifest.digest
             result.layers = len(image.manifest.layers)
             self._fetch_layers(run, image, result)
@@ -224,6 +228,13 @@ def expand_wildcards(registry: RegistryClient, ref: ImageReference) -> list[Imag
     assert ref.tag is not None
     tags = sorted(t for t in registry.list_tags(ref) if fnmatch.fnmatchcase(t, ref.tag))
     return [ref.with_tag(tag) for tag in tags]
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _rfc3339_now() -> str:

@@ -20,7 +20,7 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +115,16 @@ class RegistryClient:
 
     # ---- public API -------------------------------------------------------
 
-    def resolve(self, ref: ImageReference, platform: Platform | None = None) -> ResolvedImage:
-        """Fetch and verify the manifest (choosing a platform from an index) and the config."""
+    def resolve(
+        self,
+        ref: ImageReference,
+        platform: Platform | None = None,
+        known_config: Callable[[Digest], bytes | None] | None = None,
+    ) -> ResolvedImage:
+        """Fetch and verify the manifest (choosing a platform from an index) and the config.
+
+        `known_config` may supply the config from a local copy (verified here), so a
+        conversion that is already done downloads no blob at all."""
         top = self.get_manifest(ref, ref.manifest_ref)
         if ref.digest is not None and top.digest != ref.digest:
             raise IntegrityError(f"manifest of {ref} has digest {top.digest}, not {ref.digest}")
@@ -131,7 +139,10 @@ class RegistryClient:
             if isinstance(manifest, ManifestIndex):
                 raise UnsupportedImage(f"{ref}: an index inside an index is not supported")
         assert isinstance(manifest, ImageManifest)
-        config_raw = self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE, "image config")
+        config_raw = known_config(manifest.config.digest) if known_config else None
+        if config_raw is None or Digest.of(config_raw, manifest.config.digest.algorithm) != \
+                manifest.config.digest:
+            config_raw = self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE, "image config")
         config = ImageConfig.parse(config_raw, manifest.config.digest)
         wanted = [layer for layer in manifest.layers if not layer.is_foreign]
         if len(config.diff_ids) != len(manifest.layers):

@@ -70,7 +70,7 @@ class LayerSink(Protocol):
     def directory(self, path: SafePath, meta: Meta) -> None: ...
     def file(self, path: SafePath, meta: Meta, chunks: Iterable[memoryview]) -> None: ...
     def symlink(self, path: SafePath, meta: Meta, target: bytes) -> None: ...
-    def hardlink(self, path: SafePath, target: SafePath) -> None: ...
+    def hardlink(self, path: SafePath, target: SafePath, meta: Meta) -> None: ...
     def device(self, path: SafePath, meta: Meta, kind: str, major: int, minor: int) -> None: ...
     def fifo(self, path: SafePath, meta: Meta) -> None: ...
     def whiteout(self, path: SafePath, meta: Meta) -> None: ...
@@ -242,7 +242,7 @@ def _dispatch(
                 "refusing the layer"
             )
         if target != path:
-            sink.hardlink(path, target)
+            sink.hardlink(path, target, meta)
         kind = target_kind
     elif kind in (MemberType.CHAR, MemberType.BLOCK):
         sink.device(path, meta, kind, member.devmajor, member.devminor)
@@ -323,7 +323,7 @@ class DirectorySink:
             os.symlink(target, name, dir_fd=parent)
         self._set_meta_at(parent, name, meta, path, chmod=False)
 
-    def hardlink(self, path: SafePath, target: SafePath) -> None:
+    def hardlink(self, path: SafePath, target: SafePath, meta: Meta) -> None:
         target_parent, target_name = self._dir.parent(target, create=False)
         parent, name = self._dir.parent(path)
         try:
@@ -334,6 +334,14 @@ class DirectorySink:
             target_parent, target_name = self._dir.parent(target, create=False)
             os.link(target_name, name, src_dir_fd=target_parent, dst_dir_fd=parent,
                     follow_symlinks=False)
+        # As podman does, the link's own header sets owner, mode and times of the shared
+        # inode (a link to a symlink keeps only the owner).
+        is_symlink = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        if is_symlink:
+            if self._same_owner:
+                os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        else:
+            self._set_meta_at(parent, name, meta, path, chmod=True)
 
     def device(self, path: SafePath, meta: Meta, kind: str, major: int, minor: int) -> None:
         kind_bits = stat.S_IFCHR if kind == MemberType.CHAR else stat.S_IFBLK
