@@ -123,12 +123,14 @@ def _run_conversion(
     finally:
         reporter.close()
     _print_report(report)
-    if not report.ok:
-        failed = [r for r in report.images if not r.ok]
-        raise LazypodError(
-            f"{len(failed)} of {len(report.images)} images failed: "
-            + "; ".join(f"{r.reference}: {r.error}" for r in failed)
-        )
+    failed = [r for r in report.images if not r.ok]
+    if len(failed) == 1 and len(report.images) == 1:
+        raise LazypodError(str(failed[0].error))
+    if failed:
+        for result in failed:
+            click.echo(f"lazypod: error: {result.reference}: {result.error}", err=True)
+        raise LazypodError(f"{len(failed)} of {len(report.images)} images failed (see above); "
+                           "the others are published")
     return report
 
 
@@ -138,7 +140,7 @@ def _print_report(report: RunReport) -> None:
             click.echo(f"{image.reference.podman_name}  {image.manifest_digest}  "
                        f"layers {image.layers} (fetched {image.fetched_layers}, "
                        f"{image.fetched_bytes / 1e6:.1f} MB)  {image.seconds:.1f}s", err=True)
-    if report.views and report.views.store:
+    if any(image.ok for image in report.images) and report.views and report.views.store:
         store = report.views.store
         click.echo(f"podman store: {store.images} images, {store.layers} layers "
                    f"({store.added_layers} new)", err=True)

@@ -92,8 +92,9 @@ class Converter:
             for ref in references:
                 report.images.append(self._convert_one(run, ref))
             run.flush()
-            state = RepositoryState.load(run.layout)
-            report.views = render_views(state, run, self._options.views)
+            if any(image.ok for image in report.images):
+                state = RepositoryState.load(run.layout)
+                report.views = render_views(state, run, self._options.views)
             run.commit()
             report.publishes = run.publishes
         report.seconds = time.monotonic() - started
@@ -115,8 +116,7 @@ class Converter:
                      image.manifest.digest.short, result.layers, result.fetched_layers,
                      result.fetched_bytes / 1e6)
         except LazypodError as exc:
-            result.error = str(exc)
-            log.error("%s: %s", ref, exc)
+            result.error = str(exc)  # reported by the caller, once
         result.seconds = time.monotonic() - started
         return result
 

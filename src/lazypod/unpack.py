@@ -232,8 +232,12 @@ def _dispatch(
     elif kind == MemberType.SYMLINK:
         sink.symlink(path, meta, member.unsafe_linkname)
     elif kind == MemberType.HARDLINK:
-        target = clean_member_name(member.unsafe_linkname)
-        judge.check_parents(target, member.unsafe_linkname)
+        try:
+            target = clean_member_name(member.unsafe_linkname)
+            judge.check_parents(target, member.unsafe_linkname)
+        except UnsafeLayer as exc:
+            raise UnsafeLayer(f"layer member {display(member.unsafe_name)!r} is a hardlink "
+                              f"out of the layer: {exc}") from None
         target_kind = judge.seen.get(target)
         if target_kind is None or target_kind in (MemberType.DIR, "whiteout"):
             raise UnsafeLayer(

@@ -249,6 +249,12 @@ def _wrap_io(what: str) -> Iterator[None]:
         raise BackendError(f"cannot write {what}: {exc.strerror or exc}") from None
 
 
+def _gzip_writer(raw: IO[bytes]) -> IO[bytes]:
+    """A gzip writer whose bytes depend on the content only (no name, no time)."""
+    return igzip.GzipFile(filename="", mode="wb", fileobj=raw,  # type: ignore[return-value]
+                          compresslevel=1, mtime=0)
+
+
 class DirectoryStagedLayer:
     def __init__(self, run: DirectoryRun, digest: Digest, path: Path) -> None:
         self._run = run
@@ -260,12 +266,12 @@ class DirectoryStagedLayer:
         for sub in (path, path / "layerfs", path / ".metadata"):
             os.chmod(sub, 0o755)
         self.sink = DirectorySink(path / "layerfs", warn=lambda m: log.warning("%s", m))
-        self.tar_split: IO[bytes] = igzip.open(  # type: ignore[assignment]
-            path / ".metadata" / TAR_SPLIT, "wb", compresslevel=1
-        )
+        self._tar_split_file = (path / ".metadata" / TAR_SPLIT).open("wb")
+        self.tar_split = _gzip_writer(self._tar_split_file)
 
     def commit(self, record: LayerRecord) -> None:
         self.tar_split.close()
+        self._tar_split_file.close()
         meta = self._path / ".metadata"
         with _wrap_io(f"layer {self._digest}"):
             os.chmod(meta / TAR_SPLIT, 0o644)
@@ -285,6 +291,8 @@ class DirectoryStagedLayer:
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.tar_split.close()
+        with contextlib.suppress(Exception):
+            self._tar_split_file.close()
         with contextlib.suppress(Exception):
             self.sink.abandon()
         shutil.rmtree(self._path, ignore_errors=True)

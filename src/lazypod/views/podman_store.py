@@ -246,15 +246,18 @@ def render_image_store(
     stale_layers = set(old_layers) - set(layer_entries)
     stale_images = set(old_images) - set(model.images)
 
-    with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
-        if stale_layers:  # removed images first leave layers.json a superset meanwhile
-            union = [*layer_entries.values(), *(old_layers[i] for i in sorted(stale_layers))]
-            writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(union))
-        writer.write_file(f"{prefix}/{IMAGES_JSON}",
-                          _dump([image.entry() for image in model.images.values()]))
-        writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(list(layer_entries.values())))
-        writer.touch_lock(f"{prefix}/{LAYERS_LOCK}", lock_token())
-        writer.touch_lock(f"{prefix}/{IMAGES_LOCK}", lock_token())
+    images_json = _dump([image.entry() for image in model.images.values()])
+    layers_json = _dump(list(layer_entries.values()))
+    if _read(root / IMAGES_JSON) != images_json or _read(root / LAYERS_JSON) != layers_json:
+        with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
+            if stale_layers:  # while images go away, layers.json stays a superset
+                union = [*layer_entries.values(), *(old_layers[i] for i in sorted(stale_layers))]
+                writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(union))
+            writer.write_file(f"{prefix}/{IMAGES_JSON}", images_json)
+            writer.write_file(f"{prefix}/{LAYERS_JSON}", layers_json)
+            # podman reloads a store only when a lock's token changes.
+            writer.touch_lock(f"{prefix}/{LAYERS_LOCK}", lock_token())
+            writer.touch_lock(f"{prefix}/{IMAGES_LOCK}", lock_token())
 
     for image_id in stale_images:
         writer.remove(f"{prefix}/overlay-images/{image_id}")
@@ -339,6 +342,13 @@ def _read_ids(path: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return {e["id"]: e for e in entries if isinstance(e, dict) and "id" in e}
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _dump(obj: Any) -> bytes:
