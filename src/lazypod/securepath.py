@@ -134,6 +134,11 @@ class LayerDir:
             name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
         )
 
+    @property
+    def fd_path(self) -> str:
+        """A path to the layer directory itself, through its open descriptor."""
+        return f"/proc/self/fd/{self.fd}"
+
     def proc_path(self, dir_fd: int, name: bytes) -> bytes:
         """A path to `name` in an open directory, for calls that take no dir_fd (xattrs)."""
         return b"/proc/self/fd/%d/%s" % (dir_fd, name)

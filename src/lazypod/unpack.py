@@ -50,6 +50,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 META_PREFIX = b".wh..wh."
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+ROOT_MODE = 0o555
 # Xattrs that steer overlayfs itself: a layer must not bring its own.
 _RESERVED_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
@@ -222,9 +223,12 @@ def _dispatch(
             stats.whiteouts += 1
         return
     kind = member.type
-    if not path and kind != MemberType.DIR:
-        raise LayerError(f"layer member {display(member.unsafe_name)!r} names the layer root "
-                         "but is not a directory")
+    if not path:
+        if kind != MemberType.DIR:
+            raise LayerError(f"layer member {display(member.unsafe_name)!r} names the layer "
+                             "root but is not a directory")
+        return  # containers/storage ignores the root entry: the layer root is always 0555
+
     if kind == MemberType.DIR:
         sink.directory(path, meta)
     elif kind == MemberType.FILE:
@@ -292,14 +296,13 @@ class DirectorySink:
     # -- operations ----------------------------------------------------------
 
     def directory(self, path: SafePath, meta: Meta) -> None:
-        if path:
-            parent, name = self._dir.parent(path)
-            try:
+        parent, name = self._dir.parent(path)
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                self._clear(path, parent, name)
                 os.mkdir(name, 0o700, dir_fd=parent)
-            except FileExistsError:
-                if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                    self._clear(path, parent, name)
-                    os.mkdir(name, 0o700, dir_fd=parent)
         self._deferred[path] = meta  # mtimes and modes are set once all children exist
 
     def file(self, path: SafePath, meta: Meta, chunks: Iterable[memoryview]) -> None:
@@ -376,6 +379,10 @@ class DirectorySink:
                     self._set_meta_fd(fd, self._deferred[path], path)
             finally:
                 os.close(fd)
+        # The layer root as containers/storage makes every layer's: 0555, root's.
+        if self._same_owner:
+            os.chown(self._dir.fd_path, 0, 0)
+        os.chmod(self._dir.fd_path, ROOT_MODE)
         self._dir.close()
 
     def abandon(self) -> None:

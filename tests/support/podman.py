@@ -32,6 +32,8 @@ class Podman:
         storage_opts: Sequence[str] = (),
         user: str | None = None,
     ) -> None:
+        if user:  # pytest's temporary directories are 0700: the user could not reach them
+            base = Path(tempfile.mkdtemp(prefix=f"lzp-{base.name}-", dir="/tmp"))
         self.base = base
         self.user = user
         base.mkdir(parents=True, exist_ok=True)
@@ -91,7 +93,7 @@ class Podman:
         return proc
 
     def text(self, *args: str) -> str:
-        return self(*args).stdout.decode()
+        return self(*args).stdout.decode("utf-8", "backslashreplace")
 
     def reset(self) -> None:
         self("rm", "-af", check=False)
