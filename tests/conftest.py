@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from support.images import Image, busybox_layer, image
 from support.podman import Podman
 from support.proxy import FaultyProxy

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.images import edge_case_layers, image
 from support.podman import ROOTLESS_USER, snapshot_in_container
 

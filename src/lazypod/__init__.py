@@ -8,10 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .backend.directory import DirectoryBackend  # noqa: E402
-from .convert import ConvertOptions, Converter, ImageResult, RunReport, expand_wildcards  # noqa: E402
-from .digest import Digest  # noqa: E402
-from .errors import (  # noqa: E402
+from .backend.directory import DirectoryBackend
+from .convert import Converter, ConvertOptions, ImageResult, RunReport, expand_wildcards
+from .digest import Digest
+from .errors import (
     AuthenticationFailed,
     BackendError,
     ImageNotFound,
@@ -27,13 +27,13 @@ from .errors import (  # noqa: E402
     UnsafeLayer,
     UnsupportedImage,
 )
-from .layout import Layout  # noqa: E402
-from .manifest import Platform  # noqa: E402
-from .podman_config import PodmanConfig  # noqa: E402
-from .reference import ImageReference, parse_reference  # noqa: E402
-from .registry import RegistryClient  # noqa: E402
-from .repository import RepositoryState  # noqa: E402
-from .views import ViewOptions  # noqa: E402
+from .layout import Layout
+from .manifest import Platform
+from .podman_config import PodmanConfig
+from .reference import ImageReference, parse_reference
+from .registry import RegistryClient
+from .repository import RepositoryState
+from .views import ViewOptions
 
 __all__ = [
     "AuthenticationFailed",

@@ -46,7 +46,8 @@ def auth_files() -> list[Path]:
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     files.append(config_home / "containers" / "auth.json")
     docker_config = os.environ.get("DOCKER_CONFIG")
-    files.append(Path(docker_config) / "config.json" if docker_config else Path.home() / ".docker" / "config.json")
+    docker_dir = Path(docker_config) if docker_config else Path.home() / ".docker"
+    files.append(docker_dir / "config.json")
     return files
 
 
@@ -95,12 +96,13 @@ def _normalise_key(key: str) -> str:
 def _best_entry(
     auths: dict[str, dict[str, str]], registry: str, repository: str
 ) -> tuple[str, dict[str, str]] | None:
-    registry = "docker.io" if registry in ("registry.hub.docker.com", "index.docker.io") else registry
+    if registry in ("registry.hub.docker.com", "index.docker.io"):
+        registry = "docker.io"
     wanted = f"{registry}/{repository}"
     best: tuple[int, str, dict[str, str]] | None = None
     for key, entry in auths.items():
         norm = _normalise_key(key)
-        if norm == wanted or wanted.startswith(norm + "/") or norm == registry:
+        if norm in (wanted, registry) or wanted.startswith(norm + "/"):
             score = len(norm)
             if isinstance(entry, dict) and (best is None or score > best[0]):
                 best = (score, key, entry)
@@ -108,7 +110,7 @@ def _best_entry(
 
 
 def _decode(entry: dict[str, str], source: str) -> Credentials | None:
-    if "auth" in entry and entry["auth"]:
+    if entry.get("auth"):
         try:
             decoded = base64.b64decode(entry["auth"], validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):

@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .backend import Backend
 from .backend.directory import DirectoryBackend
-from .convert import ConvertOptions, Converter, RunReport, expand_wildcards
+from .convert import Converter, ConvertOptions, RunReport, expand_wildcards
 from .errors import LazypodError
 from .logs import setup_logging
 from .manifest import Platform
@@ -69,10 +69,9 @@ def _registry_options(func: F) -> F:
     func = click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
                         help="Allow plain HTTP (or unverified TLS) for this registry; "
                              "repeatable. registries.conf `insecure = true` works too.")(func)
-    func = click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+    return click.option("--platform", metavar="OS/ARCH[/VARIANT]",
                         help="Platform to take from multi-platform images "
                              "(default: this machine's).")(func)
-    return func
 
 
 def _publish_options(func: F) -> F:
@@ -86,9 +85,8 @@ def _publish_options(func: F) -> F:
                              "/cvmfs/NAME for CVMFS).")(func)
     func = click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True,
                         help="Layers fetched and unpacked at once.")(func)
-    func = click.option("--progress/--no-progress", default=None,
+    return click.option("--progress/--no-progress", default=None,
                         help="Progress bars (default: when stderr is a terminal).")(func)
-    return func
 
 
 def _backend(repository: str, public_root: str | None) -> Backend:

@@ -11,20 +11,16 @@ from __future__ import annotations
 import hashlib
 import io
 import zlib
-from typing import Any, Protocol
+from typing import Any
 
 import zstandard
 from isal import igzip
 
-from .digest import Digest
+from .digest import Digest, Readable
 from .errors import IntegrityError, UnsupportedImage
 from .manifest import Compression
 
 __all__ = ["MeasuringReader", "open_decompressed"]
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _Translating:
@@ -48,7 +44,7 @@ class _Translating:
 class _RawAdapter(io.RawIOBase):
     """Gives any `read(n)` object the `readinto` that decoders want."""
 
-    def __init__(self, inner: _Readable) -> None:
+    def __init__(self, inner: Readable) -> None:
         self._inner = inner
 
     def readable(self) -> bool:
@@ -60,10 +56,10 @@ class _RawAdapter(io.RawIOBase):
         return len(data)
 
 
-def open_decompressed(raw: _Readable, compression: str, what: str) -> _Readable:
+def open_decompressed(raw: Readable, compression: str, what: str) -> Readable:
     """A reader of the uncompressed layer tar from a reader of the blob."""
     if compression == Compression.GZIP:
-        gz = igzip.GzipFile(fileobj=_RawAdapter(raw), mode="rb")  # type: ignore[arg-type]
+        gz = _igzip_reader(_RawAdapter(raw))
         return _Translating(gz, what)
     if compression == Compression.ZSTD:
         reader = zstandard.ZstdDecompressor().stream_reader(
@@ -75,10 +71,14 @@ def open_decompressed(raw: _Readable, compression: str, what: str) -> _Readable:
     raise UnsupportedImage(f"{what}: unsupported compression {compression!r}")
 
 
+def _igzip_reader(raw: io.RawIOBase) -> Any:
+    return igzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
+
+
 class MeasuringReader:
     """Passes bytes through, counting them and hashing them (the layer's diff ID)."""
 
-    def __init__(self, inner: _Readable) -> None:
+    def __init__(self, inner: Readable) -> None:
         self._inner = inner
         self._hash = hashlib.sha256()
         self.size = 0

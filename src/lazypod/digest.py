@@ -5,11 +5,17 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, Protocol
 
 from .errors import IntegrityError, InvalidReference
 
-__all__ = ["Digest", "VerifyingReader", "sha256_of"]
+__all__ = ["Digest", "Readable", "VerifyingReader", "sha256_of"]
+
+
+class Readable(Protocol):
+    """Anything with `read(n)`: the streams of the conversion pipeline."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 _HEX = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-f0-9]+)$")
@@ -60,7 +66,7 @@ class VerifyingReader:
     the expected digest (and size, when known): no caller can forget to check."""
 
     def __init__(
-        self, raw: IO[bytes], expected: Digest, size: int | None = None, what: str = "blob"
+        self, raw: Readable, expected: Digest, size: int | None = None, what: str = "blob"
     ) -> None:
         self._raw = raw
         self._expected = expected

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import platform as _platform
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from .digest import Digest
 from .errors import UnsupportedImage
@@ -50,7 +51,7 @@ class Compression:
     NONE = "none"
     GZIP = "gzip"
     ZSTD = "zstd"
-    STORAGE_CODE = {"none": 0, "gzip": 2, "zstd": 4}
+    STORAGE_CODE: Final = MappingProxyType({"none": 0, "gzip": 2, "zstd": 4})
 
 
 @dataclass(frozen=True)

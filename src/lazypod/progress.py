@@ -17,7 +17,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["CountingReader", "NullProgress", "ProgressReporter", "TerminalProgress", "make_progress"]
+__all__ = [
+    "CountingReader",
+    "NullProgress",
+    "ProgressReporter",
+    "TerminalProgress",
+    "make_progress",
+]
 
 
 class ProgressReporter(Protocol):

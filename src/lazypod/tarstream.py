@@ -20,17 +20,13 @@ import base64
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from .digest import Readable
 from .errors import LayerError
 
 __all__ = ["MemberType", "TarMember", "TarReader"]
 
 BLOCK = 512
-
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class MemberType:
@@ -232,15 +228,15 @@ class TarReader:
         kind = _TYPES.get(typeflag)
         if kind is None:
             kind = MemberType.FILE  # unknown types are regular files, as POSIX says
-        if kind == MemberType.FILE and name.endswith(b"/") and typeflag in (b"0", b"\0"):
+        if typeflag == b"\0" and name.endswith(b"/"):
             kind = MemberType.DIR  # old V7 archives mark directories by a trailing slash
         if "size" in pax:
             size = _pax_int(pax["size"], "size")
-        if kind != MemberType.FILE and typeflag != b"D":
-            payload = 0
+        payload = size if kind == MemberType.FILE or typeflag == b"D" else 0
+        if "mtime" in pax:
+            mtime_ns = _pax_time(pax["mtime"])
         else:
-            payload = size
-        mtime_ns = _pax_time(pax["mtime"]) if "mtime" in pax else _number(block[136:148], "mtime") * 10**9
+            mtime_ns = _number(block[136:148], "mtime") * 10**9
         atime_ns = _pax_time(pax["atime"]) if "atime" in pax else None
         member = TarMember(
             unsafe_name=name,

@@ -170,7 +170,8 @@ def busybox_entries(applets: tuple[str, ...] = ("sh", "ls", "cat", "find", "stat
         Entry("bin/", "dir"),
         Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755),
         Entry("etc/", "dir"),
-        Entry("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"),
+        Entry("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n"
+                                b"user:x:1000:1000::/home/user:/bin/sh\n"),
         Entry("etc/group", data=b"root:x:0:\nuser:x:1000:\n"),
         Entry("tmp/", "dir", mode=0o1777),
     ]
@@ -184,7 +185,8 @@ def busybox_layer(**kw: object) -> Blob:
 
 def edge_case_layers() -> list[Blob]:
     """A base plus upper layers exercising every kind of entry and both whiteout forms."""
-    base = busybox_entries() + [
+    base = [
+        *busybox_entries(),
         Entry("opt/", "dir"),
         Entry("opt/remove-me", data=b"deleted by layer 2\n"),
         Entry("opt/keep", data=b"kept\n"),

@@ -14,7 +14,9 @@ import httpx
 
 from .images import Image
 
-_ACCESS = re.compile(r'^\S+ - \S+ \[[^\]]+\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" (?P<status>\d+)')
+_ACCESS = re.compile(
+    r'^\S+ - \S+ \[[^\]]+\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" (?P<status>\d+)'
+)
 
 
 def free_port() -> int:
@@ -61,7 +63,8 @@ class Registry:
                 return
             except httpx.TransportError:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()}")
+                    raise RuntimeError(
+                        f"docker-registry exited: {self.log_path.read_text()}") from None
                 time.sleep(0.05)
         raise RuntimeError("docker-registry did not start")
 
@@ -93,7 +96,9 @@ class Registry:
         put.raise_for_status()
 
     @staticmethod
-    def push_manifest(client: httpx.Client, name: str, ref: str, data: bytes, media_type: str) -> None:
+    def push_manifest(
+        client: httpx.Client, name: str, ref: str, data: bytes, media_type: str
+    ) -> None:
         resp = client.put(f"/v2/{name}/manifests/{ref}", content=data,
                           headers={"Content-Type": media_type})
         resp.raise_for_status()

@@ -15,11 +15,11 @@ import fcntl
 import itertools
 import logging
 import os
-import shutil
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 from isal import igzip
 
@@ -251,8 +251,10 @@ def _wrap_io(what: str) -> Iterator[None]:
 
 def _gzip_writer(raw: IO[bytes]) -> IO[bytes]:
     """A gzip writer whose bytes depend on the content only (no name, no time)."""
-    return igzip.GzipFile(filename="", mode="wb", fileobj=raw,  # type: ignore[return-value]
-                          compresslevel=1, mtime=0)
+    writer: Any = igzip.GzipFile(  # type: ignore[no-untyped-call]
+        filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0
+    )
+    return cast(IO[bytes], writer)
 
 
 class DirectoryStagedLayer:

@@ -191,7 +191,8 @@ def _add_image(
 
 def lock_token() -> bytes:
     """A fresh containers/storage "last write" token: ns time, counter, pid, random."""
-    return struct.pack("<QQI", time.time_ns(), 1, os.getpid() & 0xFFFFFFFF) + secrets.token_bytes(44)
+    head = struct.pack("<QQI", time.time_ns(), 1, os.getpid() & 0xFFFFFFFF)
+    return head + secrets.token_bytes(44)
 
 
 @dataclass
@@ -325,7 +326,8 @@ def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, model: Sto
         if name not in wanted_links:
             writer.remove(f"{prefix}/overlay/l/{name}")
     for name in _listdir(root / "overlay-layers"):
-        if name.endswith(".tar-split.gz") and name.removesuffix(".tar-split.gz") not in model.layers:
+        layer_id = name.removesuffix(".tar-split.gz")
+        if name.endswith(".tar-split.gz") and layer_id not in model.layers:
             writer.remove(f"{prefix}/overlay-layers/{name}")
 
 

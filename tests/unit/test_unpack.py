@@ -1,0 +1,112 @@
+"""The unpacker: overlay whiteouts, metadata, and the one door for hostile names."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+
+import pytest
+from support.images import Entry, tar_bytes
+
+from lazypod.errors import LayerError, UnsafeLayer
+from lazypod.tarstream import TarReader
+from lazypod.unpack import DirectorySink, unpack_layer
+
+
+def unpack(tmp_path, entries, warnings=None):
+    root = tmp_path / "layerfs"
+    root.mkdir()
+    warn = (warnings if warnings is not None else []).append
+    stats = unpack_layer(TarReader(io.BytesIO(tar_bytes(entries))),
+                         DirectorySink(root, warn=warn), warn=warn)
+    return root, stats
+
+
+def test_whiteouts_become_overlay_whiteouts(tmp_path):
+    root, stats = unpack(tmp_path, [
+        Entry("a/", "dir"),
+        Entry("a/.wh.gone", uid=5, gid=6),
+        Entry("b/.wh..wh..opq"),
+        Entry("b/new", data=b"n"),
+        Entry(".wh..wh.plnk/", "dir"),  # AUFS bookkeeping: dropped
+    ])
+    st = os.lstat(root / "a/gone")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and (st.st_uid, st.st_gid) == (5, 6)
+    assert not (root / "a/.wh.gone").exists()
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        assert os.getxattr(root / "b", name) == b"y"
+    assert sorted(os.listdir(root / "b")) == ["new"]
+    assert not (root / ".wh..wh.plnk").exists()
+    assert (stats.whiteouts, stats.opaque_dirs) == (1, 1)
+
+
+def test_metadata_is_kept(tmp_path):
+    root, stats = unpack(tmp_path, [
+        Entry("d/", "dir", mode=0o700, uid=1000, gid=1001, mtime=1_600_000_000),
+        Entry("d/suid", data=b"#!", mode=0o4755, uid=0, gid=0),
+        Entry("d/sticky/", "dir", mode=0o1777),
+        Entry("d/fifo", "fifo", mode=0o600),
+        Entry("d/dev", "block", mode=0o660, major=8, minor=1),
+        Entry("d/x", data=b"x", xattrs={"user.a": "b"}),
+        Entry("d/h", "hardlink", target="d/x"),
+        Entry("d/s", "symlink", target="/absolute/target"),
+    ])
+    st = os.lstat(root / "d")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (
+        0o700, 1000, 1001, 1_600_000_000)
+    assert stat.S_IMODE(os.lstat(root / "d/suid").st_mode) == 0o4755
+    assert stat.S_IMODE(os.lstat(root / "d/sticky").st_mode) == 0o1777
+    assert stat.S_ISFIFO(os.lstat(root / "d/fifo").st_mode)
+    assert os.lstat(root / "d/dev").st_rdev == os.makedev(8, 1)
+    assert os.getxattr(root / "d/x", "user.a") == b"b"
+    assert os.lstat(root / "d/h").st_ino == os.lstat(root / "d/x").st_ino
+    assert os.readlink(root / "d/s") == "/absolute/target"
+    assert stat.S_IMODE(os.lstat(root).st_mode) == 0o555  # as containers/storage makes it
+    assert stats.uids == {0, 1000}
+
+
+def test_later_members_replace_earlier_ones(tmp_path):
+    root, _ = unpack(tmp_path, [
+        Entry("x/", "dir"),
+        Entry("x/child", data=b"c"),
+        Entry("x", data=b"now a file"),
+        Entry("y", data=b"file"),
+        Entry("y/", "dir"),
+        Entry("y/z", data=b"z"),
+    ])
+    assert (root / "x").read_bytes() == b"now a file"
+    assert (root / "y/z").read_bytes() == b"z"
+
+
+def test_overlay_xattrs_from_the_tarball_are_dropped(tmp_path):
+    warnings: list[str] = []
+    root, _ = unpack(tmp_path, [
+        Entry("d/", "dir", xattrs={"trusted.overlay.redirect": "/etc", "user.ok": "1"}),
+    ], warnings)
+    assert os.listxattr(root / "d") == ["user.ok"]
+    assert any("trusted.overlay.redirect" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("entries", "fragment"),
+    [
+        ([Entry("../x", data=b"x")], "climbs out"),
+        ([Entry("/etc/x", data=b"x")], "absolute name"),
+        ([Entry("l", "symlink", target="/etc"), Entry("l/x", data=b"x")], "through symlink"),
+        ([Entry("l", "symlink", target="."), Entry("l/x/y", data=b"x")], "through symlink"),
+        ([Entry("h", "hardlink", target="../etc/passwd")], "hardlink out of the layer"),
+        ([Entry("h", "hardlink", target="not-there")], "not a file of this layer"),
+        ([Entry("d/", "dir"), Entry("h", "hardlink", target="d")], "not a file of this layer"),
+        ([Entry("d/.wh..", data=b"")], "whiteout of nothing"),
+    ],
+)
+def test_hostile_members_are_refused(tmp_path, entries, fragment):
+    with pytest.raises(UnsafeLayer, match=fragment):
+        unpack(tmp_path, entries)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "etc").exists()
+
+
+def test_a_non_directory_root_member_is_refused(tmp_path):
+    with pytest.raises(LayerError, match="names the layer root"):
+        unpack(tmp_path, [Entry("./", data=b"x")])
