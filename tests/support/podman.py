@@ -31,6 +31,7 @@ class Podman:
         *,
         storage_opts: Sequence[str] = (),
         user: str | None = None,
+        runroot: Path | None = None,
     ) -> None:
         if user:  # pytest's temporary directories are 0700: the user could not reach them
             base = Path(tempfile.mkdtemp(prefix=f"lzp-{base.name}-", dir="/tmp"))
@@ -41,7 +42,7 @@ class Podman:
         self.conf.write_text(CONTAINERS_CONF)
         self.root = base / "root"
         # podman refuses a runroot longer than 50 characters: keep it short, in /tmp.
-        self.runroot = Path(tempfile.mkdtemp(prefix="lzp-run-", dir="/tmp"))
+        self.runroot = runroot or Path(tempfile.mkdtemp(prefix="lzp-run-", dir="/tmp"))
         self.storage_opts = list(storage_opts)
         self.env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

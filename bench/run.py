@@ -1,0 +1,184 @@
+"""lazypod against podman itself, on the same machine, in the same run.
+
+    bench/run.sh [--rounds N] [--runs N]
+
+1. Builds (once, cached in $LAZYPOD_BENCH_CACHE, default /var/tmp/lazypod-bench) a
+   multi-layer image of about 400 MB: a Debian bookworm minbase made with
+   debootstrap, a layer installing packages with apt, a layer deleting files.
+2. Pushes it to a fresh docker-registry on loopback.
+3. Conversion: `podman pull` into an empty storage root vs `lazypod
+   convert-single-image` into an empty repository, alternated, N rounds; wall
+   time and peak RSS (of the lazypod process tree) per round; medians compared.
+4. Start-up: `podman run --rm IMAGE true` with the image in podman's own storage vs
+   from the repository's image store.
+Prints a table and writes it to bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from support.podman import Podman  # noqa: E402
+from support.registry import Registry  # noqa: E402
+
+LAZYPOD = str(Path(sys.executable).with_name("lazypod"))
+CACHE = Path(os.environ.get("LAZYPOD_BENCH_CACHE", "/var/tmp/lazypod-bench"))
+CONTAINERFILE = """\
+FROM localhost/bench-base:1
+RUN apt-get update && apt-get install -y --no-install-recommends python3 perl libssl3 curl \
+    ca-certificates && rm -rf /var/lib/apt/lists/*
+RUN rm -rf /usr/share/doc/* /usr/share/man && echo done > /etc/bench-marker
+"""
+
+
+def build_image(builder: Podman) -> None:
+    """The benchmark image, in the builder's storage as localhost/bench:1."""
+    if builder("image", "exists", "localhost/bench:1", check=False).returncode == 0:
+        return
+    rootfs = CACHE / "rootfs"
+    if not (rootfs / "etc/debian_version").exists():
+        print("bench: debootstrap --variant=minbase bookworm (about 30 s)", flush=True)
+        shutil.rmtree(rootfs, ignore_errors=True)
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
+                        "http://deb.debian.org/debian"], check=True, stdout=subprocess.DEVNULL)
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(builder.command("import", "-", "localhost/bench-base:1"), env=builder.env,
+                   stdin=tar.stdout, stdout=subprocess.DEVNULL, check=True)
+    tar.wait()
+    (CACHE / "Containerfile").write_text(CONTAINERFILE)
+    print("bench: podman build (apt-get install in a container)", flush=True)
+    builder("build", "--network=host", "-t", "localhost/bench:1", "-f",
+            str(CACHE / "Containerfile"), str(CACHE))
+
+
+def settle(drop_caches: bool) -> None:
+    """Start every measurement alike: dirty pages written, optionally caches dropped."""
+    os.sync()
+    if drop_caches:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB, the kernel's high-water mark) of a command."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.02):
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = proc.communicate()
+    elapsed = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed: {stderr.decode()}")
+    return elapsed, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="conversion rounds")
+    parser.add_argument("--runs", type=int, default=10, help="podman run repetitions")
+    parser.add_argument("--no-drop-caches", action="store_true",
+                        help="keep the page cache between measurements")
+    args = parser.parse_args()
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lazypod-bench-", dir="/var/tmp"))
+    builder = Podman(CACHE / "builder", runroot=Path("/tmp/lazypod-bench-builder"))
+    registry = Registry(work)
+    try:
+        build_image(builder)
+        name = f"{registry.host}/bench/debian:1"
+        builder("push", "-q", "--tls-verify=false", "localhost/bench:1", f"docker://{name}")
+        size = builder.text("image", "inspect", "--format", "{{.Size}}", "localhost/bench:1")
+        layers = builder.text("image", "inspect", "--format", "{{len .RootFS.Layers}}",
+                              "localhost/bench:1")
+
+        pull_times, convert_times, convert_rss = [], [], []
+        for round_ in range(args.rounds):
+            pulled = Podman(work / f"pull-{round_}")
+            settle(not args.no_drop_caches)
+            seconds, _ = timed(pulled.command("pull", "-q", "--tls-verify=false", name),
+                               env=pulled.env)
+            pull_times.append(seconds)
+            pulled.reset()
+            repo = work / f"repo-{round_}"
+            settle(not args.no_drop_caches)
+            seconds, rss = timed([LAZYPOD, "convert-single-image", "--insecure-registry",
+                                  registry.host, name, str(repo)])
+            convert_times.append(seconds)
+            convert_rss.append(rss)
+            if round_ < args.rounds - 1:
+                shutil.rmtree(repo)
+            print(f"bench: round {round_ + 1}: podman pull {pull_times[-1]:.2f}s, "
+                  f"lazypod convert {convert_times[-1]:.2f}s ({rss / 1024:.0f} MiB)", flush=True)
+
+        repo = work / f"repo-{args.rounds - 1}"
+        local = Podman(work / "run-local")
+        local("pull", "-q", "--tls-verify=false", name)
+        from_repo = Podman(work / "run-repo", storage_opts=[
+            f"additionalimagestore={repo}/.podmanStore"])
+        run_local, run_repo = [], []
+        for podman, results in ((local, run_local), (from_repo, run_repo)):
+            podman("run", "--rm", "--network=none", name, "true")  # warm caches alike
+        for _ in range(args.runs):
+            for podman, results in ((local, run_local), (from_repo, run_repo)):
+                results.append(timed(podman.command("run", "--rm", "--network=none", name,
+                                                    "true"), env=podman.env)[0])
+        local.reset()
+        from_repo.reset()
+
+        pull = statistics.median(pull_times)
+        convert = statistics.median(convert_times)
+        r_local, r_repo = statistics.median(run_local), statistics.median(run_repo)
+        table = "\n".join([
+            f"Image: Debian bookworm minbase + apt-get install layer + deletions, "
+            f"{int(size) / 1e6:.0f} MB, {layers.strip()} layers; "
+            f"{os.cpu_count()} CPUs; podman {builder.text('--version').split()[-1]}; "
+            f"medians of {args.rounds} conversions and {args.runs} runs.",
+            "",
+            "| measure | podman | lazypod | ratio (lazypod/podman) |",
+            "|---|---|---|---|",
+            f"| pull vs convert-single-image, wall | {pull:.2f} s | {convert:.2f} s | "
+            f"{convert / pull:.2f} |",
+            f"| convert-single-image peak RSS | | {max(convert_rss) / 1024:.0f} MiB | |",
+            f"| `podman run --rm IMAGE true`, local storage vs repository | {r_local:.3f} s | "
+            f"{r_repo:.3f} s | {r_repo / r_local:.2f} |",
+        ])
+        print()
+        print(table)
+        results_dir = HERE / "results"
+        results_dir.mkdir(exist_ok=True)
+        (results_dir / "latest.md").write_text(table + "\n")
+    finally:
+        registry.stop()
+        subprocess.run(["umount", "-R", str(work)], stderr=subprocess.DEVNULL, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
