@@ -20,6 +20,7 @@ class Faults:
     drop_once: set[str] = field(default_factory=set)  # blob digests: close mid-body once
     slow: dict[str, float] = field(default_factory=dict)  # digest -> seconds per 64 KiB
     status: dict[str, int] = field(default_factory=dict)  # path suffix -> forced status
+    status_once: dict[str, int] = field(default_factory=dict)  # the same, one time
 
 
 class FaultyProxy:
@@ -44,7 +45,9 @@ class FaultyProxy:
 
             def _forward(self, head: bool) -> None:
                 faults = proxy.faults
-                for suffix, status in faults.status.items():
+                once = [s for s in faults.status_once if self.path.endswith(s)]
+                for suffix, status in [*faults.status.items(),
+                                       *((s, faults.status_once.pop(s)) for s in once)]:
                     if self.path.endswith(suffix):
                         self.send_response(status)
                         self.send_header("Content-Length", "0")

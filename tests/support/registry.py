@@ -37,21 +37,22 @@ class Request:
 
 
 class Registry:
-    def __init__(self, workdir: Path, *, htpasswd: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, auth: str = "", storage: Path | None = None) -> None:
+        """`auth`: a registry `auth:` section (YAML, indented by two); `storage`: share
+        the blobs and manifests of another registry (to read them with other auth)."""
         self.workdir = workdir
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = workdir / "registry.log"
-        auth = ""
-        if htpasswd:
-            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n"
+        self.storage = storage or workdir / "data"
         config = workdir / "config.yml"
         config.write_text(
             "version: 0.1\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.host}\n"
-            "log:\n  level: info\n  accesslog:\n    disabled: false\n" + auth
+            "log:\n  level: info\n  accesslog:\n    disabled: false\n"
+            + (f"auth:\n{auth}" if auth else "")
         )
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(["docker-registry", "serve", str(config)],
@@ -59,7 +60,7 @@ class Registry:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"http://{self.host}/v2/", timeout=1)
+                httpx.get(f"http://{self.host}/", timeout=1)
                 return
             except httpx.TransportError:
                 if self._proc.poll() is not None:
