@@ -143,7 +143,7 @@ def main() -> None:
         from_repo = Podman(work / "run-repo", storage_opts=[
             f"additionalimagestore={repo}/.podmanStore"])
         run_local, run_repo = [], []
-        for podman, results in ((local, run_local), (from_repo, run_repo)):
+        for podman in (local, from_repo):
             podman("run", "--rm", "--network=none", name, "true")  # warm caches alike
         for _ in range(args.runs):
             for podman, results in ((local, run_local), (from_repo, run_repo)):

@@ -38,7 +38,7 @@ class TokenService:
     def __init__(self, workdir: Path) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lazypod test tokens")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                      .public_key(self.key.public_key()).serial_number(1)
                      .not_valid_before(now - datetime.timedelta(days=1))
@@ -80,7 +80,7 @@ class TokenService:
         if scope:
             kind, name, actions = scope.split(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         claims = {"iss": "lazypod-test-issuer", "sub": USER, "aud": "lazypod-test-registry",
                   "exp": now + datetime.timedelta(minutes=5), "nbf": now, "iat": now,
                   "jti": uuid.uuid4().hex, "access": access}
