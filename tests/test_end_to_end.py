@@ -114,3 +114,31 @@ def test_rerunning_a_finished_conversion_downloads_no_blob(
     mark = registry.mark()
     lazypod.convert(name, repo)
     assert registry.blob_gets(since=mark) == []
+
+
+def test_flat_tree_equals_the_container_tree(registry, lazypod, podman_factory, repo):
+    img = image(edge_case_layers(), label="flat")
+    name = registry.push("test/edge", "flat", img)
+    lazypod.convert(name, repo)
+
+    public = repo / registry.host / "test/edge:flat"
+    assert public.is_symlink() and not os.readlink(public).startswith("/")
+    flat = public.resolve()
+    assert flat == (repo / ".flat" / img.config_digest[7:9] / img.config_digest[7:]).resolve()
+    assert (flat / ".singularity.d/runscript").stat().st_mode & 0o111
+    env = (flat / ".singularity.d/env/10-docker2singularity.sh").read_text()
+    assert "export PATH=/usr/local/sbin:" in env
+
+    pulled = podman_factory("pulled")
+    pulled("pull", "--tls-verify=false", name)
+    container = pulled.text("create", "--network=none", name, "/bin/busybox", "true").strip()
+    expected = snapshot(Path(pulled.text("mount", container).strip()), hardlinks=False)
+    pulled("umount", container)
+
+    # Apptainer's metadata and the mount points it expects come on top of the image.
+    added = {".singularity.d", "singularity", "proc", "sys", "dev", "cvmfs", "etc/hosts",
+             "etc/resolv.conf", "home", "var/tmp"} - set(expected)
+    flat_tree = {path: entry for path, entry in snapshot(flat, hardlinks=False).items()
+                 if path.split("/")[0] not in added and path not in added}
+    assert flat_tree == expected
+    assert os.stat(flat / "usr/local/bin/hl-a").st_ino == os.stat(flat / "usr/local/bin/hl-b").st_ino

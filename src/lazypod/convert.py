@@ -27,7 +27,7 @@ from .manifest import Descriptor, Platform
 from .progress import CountingReader, NullProgress, ProgressReporter
 from .reference import ImageReference
 from .registry import RegistryClient, ResolvedImage
-from .repository import LayerRecord, RepositoryState
+from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .tarstream import TarReader
 from .unpack import TarSplitWriter, unpack_layer
 from .views import ViewOptions, ViewsReport, render_views
@@ -129,15 +129,15 @@ class Converter:
                 wanted[desc.digest] = (desc, diff_id)
         if not wanted:
             return
-        staged: list[tuple[StagedLayer, LayerRecord]] = []
+        staged: list[tuple[StagedLayer, LayerRecord, LayerWhiteouts]] = []
         workers = max(1, min(self._options.workers, len(wanted)))
         with concurrent.futures.ThreadPoolExecutor(workers, "layer") as pool:
             futures = [pool.submit(self._fetch_layer, run, image, desc, diff_id)
                        for desc, diff_id in wanted.values()]
             try:
                 for future in concurrent.futures.as_completed(futures):
-                    layer, record = future.result()
-                    staged.append((layer, record))
+                    layer, record, whiteouts = future.result()
+                    staged.append((layer, record, whiteouts))
                     result.fetched_layers += 1
                     result.fetched_bytes += wanted[record.digest][0].size
             except BaseException:
@@ -147,12 +147,12 @@ class Converter:
                         future.result()[0].abort()
                 raise
         # Every layer verified: only now do they become part of the repository.
-        for layer, record in staged:
-            layer.commit(record)
+        for layer, record, whiteouts in staged:
+            layer.commit(record, whiteouts)
 
     def _fetch_layer(
         self, run: PublishRun, image: ResolvedImage, desc: Descriptor, diff_id: Digest
-    ) -> tuple[StagedLayer, LayerRecord]:
+    ) -> tuple[StagedLayer, LayerRecord, LayerWhiteouts]:
         what = f"layer {desc.digest.short} of {image.reference}"
         attempt = 0
         while True:
@@ -160,7 +160,7 @@ class Converter:
             staged = run.stage_layer(desc.digest)
             task = self._progress.start(f"{desc.digest.short}", desc.size)
             try:
-                return staged, self._unpack(image, desc, diff_id, staged, task, what)
+                return staged, *self._unpack(image, desc, diff_id, staged, task, what)
             except RegistryUnreachable as exc:
                 staged.abort()
                 if attempt >= self._options.layer_attempts:
@@ -181,7 +181,7 @@ class Converter:
         staged: StagedLayer,
         task: int,
         what: str,
-    ) -> LayerRecord:
+    ) -> tuple[LayerRecord, LayerWhiteouts]:
         started = time.monotonic()
         with self._registry.open_blob(image.reference, desc, what="layer") as blob:
             counted = CountingReader(blob, self._progress, task)
@@ -201,7 +201,7 @@ class Converter:
             )
         log.debug("%s: %d entries, %.1f MB unpacked in %.2fs", what, stats.entries,
                   tar.size / 1e6, time.monotonic() - started)
-        return LayerRecord(
+        record = LayerRecord(
             digest=desc.digest,
             diff_id=tar.digest,
             diff_size=tar.size,
@@ -210,6 +210,9 @@ class Converter:
             gidset=tuple(sorted(stats.gids)),
             has_tar_split=True,
         )
+        whiteouts = LayerWhiteouts(tuple(b"/".join(p) for p in stats.whiteouts),
+                                   tuple(b"/".join(p) for p in stats.opaque_dirs))
+        return record, whiteouts
 
     def _write_metadata(self, run: PublishRun, image: ResolvedImage) -> None:
         base = f"{METADATA}/{image.reference.public_name}"

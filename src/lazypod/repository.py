@@ -22,11 +22,41 @@ from .layout import LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
 from .reference import ImageReference, parse_reference
 
-__all__ = ["ImageRecord", "LayerRecord", "RepositoryState", "layer_record_json"]
+__all__ = [
+    "ImageRecord",
+    "LayerRecord",
+    "LayerWhiteouts",
+    "RepositoryState",
+    "layer_record_json",
+]
 
 log = logging.getLogger(__name__)
 
 TAR_SPLIT = "tar-split.json.gz"
+WHITEOUTS = "whiteouts.json"
+
+
+@dataclass(frozen=True)
+class LayerWhiteouts:
+    """What a layer deletes from the layers below it, kept in `.metadata/whiteouts.json`
+    because a CVMFS publisher's own view of the repository hides overlay whiteouts."""
+
+    whiteouts: tuple[bytes, ...] = ()
+    opaque_dirs: tuple[bytes, ...] = ()
+
+    def to_json(self) -> bytes:
+        obj = {"whiteouts": [os.fsdecode(p) for p in self.whiteouts],
+               "opaque": [os.fsdecode(p) for p in self.opaque_dirs]}
+        return json.dumps(obj, indent=1).encode() + b"\n"
+
+    @classmethod
+    def read(cls, layer_dir: Path) -> LayerWhiteouts | None:
+        try:
+            obj = json.loads((layer_dir / METADATA / WHITEOUTS).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return cls(tuple(os.fsencode(p) for p in obj.get("whiteouts", [])),
+                   tuple(os.fsencode(p) for p in obj.get("opaque", [])))
 
 
 @dataclass(frozen=True)

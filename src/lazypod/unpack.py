@@ -85,8 +85,8 @@ class UnpackStats:
     gids: set[int] = field(default_factory=set)
     entries: int = 0
     content_bytes: int = 0
-    whiteouts: int = 0
-    opaque_dirs: int = 0
+    whiteouts: list[SafePath] = field(default_factory=list)
+    opaque_dirs: list[SafePath] = field(default_factory=list)
 
 
 class TarSplitWriter:
@@ -212,7 +212,7 @@ def _dispatch(
     if base.startswith(WHITEOUT_PREFIX):
         if base == OPAQUE_MARKER:
             sink.opaque(path[:-1])
-            stats.opaque_dirs += 1
+            stats.opaque_dirs.append(path[:-1])
         elif not base.startswith(META_PREFIX):
             hidden = base[len(WHITEOUT_PREFIX) :]
             if hidden in (b"", b".", b".."):
@@ -220,7 +220,7 @@ def _dispatch(
                                   "whiteout of nothing: refusing the layer")
             sink.whiteout((*path[:-1], hidden), meta)
             judge.record((*path[:-1], hidden), "whiteout")
-            stats.whiteouts += 1
+            stats.whiteouts.append((*path[:-1], hidden))
         return
     kind = member.type
     if not path:

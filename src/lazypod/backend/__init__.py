@@ -10,17 +10,18 @@ a bounded number of CVMFS publishes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tarfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Protocol
 
 from ..digest import Digest
 from ..layout import Layout
-from ..repository import LayerRecord
+from ..repository import LayerRecord, LayerWhiteouts
 from ..unpack import LayerSink
 
-__all__ = ["Backend", "PublishRun", "StagedLayer", "TreeWriter"]
+__all__ = ["Backend", "PublishRun", "StagedLayer", "TreeSource", "TreeWriter"]
 
 
 class TreeWriter(Protocol):
@@ -36,6 +37,16 @@ class TreeWriter(Protocol):
     def make_dir(self, rel: str) -> None: ...
     def touch_lock(self, rel: str, token: bytes) -> None: ...
     def lock_files(self, rels: list[str]) -> AbstractContextManager[None]: ...
+    def add_trees(self, trees: Mapping[str, TreeSource]) -> None: ...
+
+
+class TreeSource(Protocol):
+    """A whole directory tree to add (a flat image), as files or as a tar stream."""
+
+    def materialize(self, dest: Path) -> None: ...
+    def tar_members(
+        self, prefix: str
+    ) -> Iterator[tuple[tarfile.TarInfo, bytes | None, bytes | None]]: ...
 
 
 class StagedLayer(Protocol):
@@ -46,7 +57,7 @@ class StagedLayer(Protocol):
     @property
     def tar_split(self) -> IO[bytes]: ...
 
-    def commit(self, record: LayerRecord) -> None: ...
+    def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None: ...
     def abort(self) -> None: ...
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -26,8 +26,9 @@ from isal import igzip
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..layout import LOCK, STAGING, Layout
-from ..repository import TAR_SPLIT, LayerRecord, layer_record_json
+from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from ..unpack import DirectorySink
+from . import TreeSource
 
 __all__ = ["DirectoryBackend", "DirectoryRun"]
 
@@ -217,6 +218,10 @@ class DirectoryRun:
             for fd in fds:
                 os.close(fd)
 
+    def add_trees(self, trees: Mapping[str, TreeSource]) -> None:
+        for rel, tree in trees.items():
+            self.replace_dir(rel, tree.materialize)
+
     def flush(self) -> None:
         """Every write of the dir backend is already in place."""
 
@@ -271,14 +276,16 @@ class DirectoryStagedLayer:
         self._tar_split_file = (path / ".metadata" / TAR_SPLIT).open("wb")
         self.tar_split = _gzip_writer(self._tar_split_file)
 
-    def commit(self, record: LayerRecord) -> None:
+    def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
         self.tar_split.close()
         self._tar_split_file.close()
         meta = self._path / ".metadata"
         with _wrap_io(f"layer {self._digest}"):
             os.chmod(meta / TAR_SPLIT, 0o644)
+            (meta / WHITEOUTS).write_bytes(whiteouts.to_json())
             (meta / "layers.json").write_bytes(layer_record_json(record))
-            os.chmod(meta / "layers.json", 0o644)
+            for name in (WHITEOUTS, "layers.json"):
+                os.chmod(meta / name, 0o644)
             final = self._run.layout.layer_dir(self._digest)
             _make_parents(self._run.layout.root, final.parent)
             if final.exists():

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..repository import RepositoryState
+from .flat import FlatReport, render_flat
 from .podman_store import StoreReport, render_image_store
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
@@ -28,6 +29,7 @@ class ViewOptions:
 @dataclass
 class ViewsReport:
     store: StoreReport | None = None
+    flat: FlatReport | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -40,6 +42,8 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
 
     for problem in state.problems:
         warn(problem)
+    if options.flat:  # first: the cvmfs backend ingests flat trees before its transaction
+        report.flat = render_flat(state, writer, warn)
     render_origins(state, writer)
     if options.podman_store:
         report.store = render_image_store(state, writer, warn)
