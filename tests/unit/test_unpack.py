@@ -38,7 +38,7 @@ def test_whiteouts_become_overlay_whiteouts(tmp_path):
         assert os.getxattr(root / "b", name) == b"y"
     assert sorted(os.listdir(root / "b")) == ["new"]
     assert not (root / ".wh..wh.plnk").exists()
-    assert (stats.whiteouts, stats.opaque_dirs) == (1, 1)
+    assert (stats.whiteouts, stats.opaque_dirs) == ([(b"a", b"gone")], [(b"b",)])
 
 
 def test_metadata_is_kept(tmp_path):
