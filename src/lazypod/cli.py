@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .backend import Backend
+from .backend.cvmfs import CvmfsBackend, CvmfsConfig
 from .backend.directory import DirectoryBackend
 from .convert import Converter, ConvertOptions, RunReport, expand_wildcards
 from .errors import LazypodError
@@ -79,6 +80,15 @@ def _publish_options(func: F) -> F:
                         help="Do not write the podman image store (.podmanStore).")(func)
     func = click.option("-s", "--skip-flat", is_flag=True,
                         help="Do not write flat root file systems (.flat) and public links.")(func)
+    func = click.option("--backend", "backend_kind", type=click.Choice(["dir", "cvmfs"]),
+                        help="Where REPOSITORY is: a directory (default), or the name of a "
+                             "CVMFS repository on this release manager machine (writes go "
+                             "through cvmfs_server transactions and ingests).")(func)
+    func = click.option("--force", is_flag=True,
+                        help="cvmfs: abort a transaction found open instead of failing.")(func)
+    func = click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+                        help="cvmfs: local directory for unpacking layers before they are "
+                             "published (default /var/spool/lazypod).")(func)
     func = click.option("--public-root", metavar="PATH",
                         help="Absolute path at which clients see the repository, for the "
                              "podman store's links (default: the repository path; "
@@ -89,7 +99,13 @@ def _publish_options(func: F) -> F:
                         help="Progress bars (default: when stderr is a terminal).")(func)
 
 
-def _backend(repository: str, public_root: str | None) -> Backend:
+def _backend(kind: str, repository: str, *, public_root: str | None, force: bool,
+             work_dir: Path | None) -> Backend:
+    if kind == "cvmfs":
+        config = CvmfsConfig(repository, public_root=public_root, force=force)
+        if work_dir is not None:
+            config.work_dir = work_dir
+        return CvmfsBackend(config)
     return DirectoryBackend(Path(repository), public_root=public_root)
 
 
@@ -101,9 +117,13 @@ def _run_conversion(
     platform: str | None,
     skip_podman: bool,
     skip_flat: bool,
+    backend_kind: str | None,
+    force: bool,
+    work_dir: Path | None,
     public_root: str | None,
     workers: int,
     progress: bool | None,
+    default_backend: str = "dir",
 ) -> RunReport:
     options = ConvertOptions(
         platform=Platform.parse(platform) if platform else None,
@@ -116,7 +136,9 @@ def _run_conversion(
             expanded: list[ImageReference] = []
             for ref in references:
                 expanded += expand_wildcards(registry, ref)
-            converter = Converter(_backend(repository, public_root), registry, options, reporter)
+            backend = _backend(backend_kind or default_backend, repository,
+                               public_root=public_root, force=force, work_dir=work_dir)
+            converter = Converter(backend, registry, options, reporter)
             report = converter.convert(expanded)
     finally:
         reporter.close()
@@ -142,6 +164,8 @@ def _print_report(report: RunReport) -> None:
         store = report.views.store
         click.echo(f"podman store: {store.images} images, {store.layers} layers "
                    f"({store.added_layers} new)", err=True)
+    if report.publishes_label:
+        click.echo(report.publishes_label, err=True)
 
 
 @main.command("convert-single-image")
@@ -153,7 +177,8 @@ def _print_report(report: RunReport) -> None:
 def convert_single_image(image: str, repository: str, **kwargs: Any) -> None:
     """Convert IMAGE (e.g. docker.io/library/debian:bookworm) into REPOSITORY.
 
-    REPOSITORY is a directory, created if missing. The layers are unpacked once
+    REPOSITORY is a directory, created if missing, or with --backend cvmfs the
+    name of a CVMFS repository (e.g. unpacked.cern.ch). The layers are unpacked once
     under .layers/, the manifest and config go to .metadata/, and the podman
     image store .podmanStore/ is updated; run `lazypod podman-config REPOSITORY`
     for the podman settings that use it.
@@ -171,7 +196,7 @@ def convert(recipe: Path, repository: str | None, **kwargs: Any) -> None:
     """Convert every image of a DUCC RECIPE (wishlist, YAML) into REPOSITORY.
 
     Tags may be wildcards (`image:*`, `image:v1.*`). Without REPOSITORY, the
-    recipe's cvmfs_repo is used.
+    recipe's cvmfs_repo is used, with the cvmfs backend.
     """
     parsed = load_recipe(recipe)
     target = repository or parsed.cvmfs_repo
@@ -179,7 +204,8 @@ def convert(recipe: Path, repository: str | None, **kwargs: Any) -> None:
         raise click.UsageError("the recipe has no cvmfs_repo: give REPOSITORY")
     if parsed.output_format:
         log.info("recipe output_format (DUCC thin images) is not used by lazypod")
-    _run_conversion(list(parsed.images), target, **kwargs)
+    _run_conversion(list(parsed.images), target,
+                    default_backend="dir" if repository else "cvmfs", **kwargs)
 
 
 @main.command("check-image-syntax")

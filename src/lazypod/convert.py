@@ -65,11 +65,16 @@ class RunReport:
     images: list[ImageResult] = field(default_factory=list)
     views: ViewsReport | None = None
     publishes: int = 0
+    backend: str = ""
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return all(image.ok for image in self.images)
+
+    @property
+    def publishes_label(self) -> str:
+        return f"cvmfs: {self.publishes} publishes" if self.backend == "cvmfs" else ""
 
 
 class Converter:
@@ -97,6 +102,7 @@ class Converter:
                 report.views = render_views(state, run, self._options.views)
             run.commit()
             report.publishes = run.publishes
+            report.backend = self._backend.name
         report.seconds = time.monotonic() - started
         return report
 
@@ -215,13 +221,18 @@ class Converter:
         return record, whiteouts
 
     def _write_metadata(self, run: PublishRun, image: ResolvedImage) -> None:
+        """config.json, index.json, then manifest.json (what readers look for); files
+        that already hold the right bytes are left alone, so a rerun writes nothing."""
         base = f"{METADATA}/{image.reference.public_name}"
-        run.write_file(f"{base}/config.json", image.config.raw)
-        if image.index is not None:
-            run.write_file(f"{base}/index.json", image.index.raw)
-        else:
-            run.remove(f"{base}/index.json")
-        run.write_file(f"{base}/manifest.json", image.manifest.raw)
+        wanted = {"config.json": image.config.raw,
+                  "index.json": image.index.raw if image.index else None,
+                  "manifest.json": image.manifest.raw}
+        for name, data in wanted.items():
+            current = _read_or_none(run.layout.root / base / name)
+            if data is None and current is not None:
+                run.remove(f"{base}/{name}")
+            elif data is not None and current != data:
+                run.write_file(f"{base}/{name}", data)
 
 
 def expand_wildcards(registry: RegistryClient, ref: ImageReference) -> list[ImageReference]:

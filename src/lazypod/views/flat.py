@@ -273,7 +273,12 @@ def _scan_layer(root: bytes) -> tuple[list[tuple[bytes, Node]], list[bytes], lis
                 hidden = name[len(_AUFS_PREFIX):]
                 whiteouts.append(os.path.join(rel_dir, hidden) if rel_dir else hidden)
                 continue
-            st = os.lstat(full)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                # Listed but not there: an overlay whiteout as a CVMFS server's own
+                # overlay shows it; the layer's whiteouts.json has it.
+                continue
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 whiteouts.append(rel)
                 continue

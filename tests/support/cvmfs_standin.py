@@ -1,0 +1,432 @@
+"""A strict stand-in for CernVM-FS 2.12's `cvmfs_server`, for tests only (CVMFS is not
+packaged for Debian). It implements the commands lazypod uses with the semantics
+measured on a real stratum 0 (shared/docs/CVMFS.md), and refuses everything else.
+
+Per repository, under $CVMFS_STANDIN_HOME/<name>/:
+  published/   the committed tree: what a client sees (bind-mounted read-only at the
+               client path; 0/0 devices and trusted.overlay.* visible as stored)
+  scratch/     upper and work directories while a transaction is open
+  state.json   open transaction?, counters, injected faults
+  ingested     paths that came in through ingest (xattrs cannot be set on them later)
+
+The server view (`<mount root>/<name>`) is, as on a real server, an overlayfs over
+`published/`: read-only between transactions (a write fails with EROFS), read-write
+inside one, where the kernel itself refuses `mknod c 0 0` and escapes
+`trusted.overlay.*` xattrs of new directories, which publish stores unescaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+XATTR_VALUE_MAX = 256
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+
+def home() -> Path:
+    return Path(os.environ["CVMFS_STANDIN_HOME"])
+
+
+class Repo:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.base = home() / name
+        if not (self.base / "state.json").exists():
+            fail(f"repository {name} does not exist", 1)
+        self.state: dict[str, Any] = json.loads((self.base / "state.json").read_text())
+        self.published = self.base / "published"
+        self.upper = self.base / "scratch" / "upper"
+        self.work = self.base / "scratch" / "work"
+        self.mount = Path(self.state["mount"])
+
+    def save(self) -> None:
+        (self.base / "state.json").write_text(json.dumps(self.state, indent=1))
+
+    def count(self, what: str) -> int:
+        self.state["counts"][what] += 1
+        self.save()
+        return int(self.state["counts"][what])
+
+    def include_xattrs(self) -> bool:
+        conf = Path(self.state["server_conf"]).read_text()
+        return "CVMFS_INCLUDE_XATTRS=true" in conf.replace(" ", "")
+
+    def owner(self) -> tuple[int, int]:
+        return int(self.state["owner"][0]), int(self.state["owner"][1])
+
+    # -- the server view ---------------------------------------------------------
+
+    def unmount_view(self) -> None:
+        # Lazily: a publisher may still hold files of the old view open.
+        subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
+
+    def mount_readonly(self) -> None:
+        self.unmount_view()
+        empty = self.base / "empty"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={self.published}:{empty}", str(self.mount)], check=True)
+
+    def mount_writable(self) -> None:
+        self.unmount_view()
+        for d in (self.upper, self.work):
+            d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={self.published},upperdir={self.upper},workdir={self.work}",
+                        str(self.mount)], check=True)
+
+    def ingested(self) -> set[bytes]:
+        path = self.base / "ingested"
+        return set(path.read_bytes().split(b"\0")) if path.exists() else set()
+
+    def add_ingested(self, paths: list[bytes]) -> None:
+        with (self.base / "ingested").open("ab") as f:
+            for p in paths:
+                f.write(p + b"\0")
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+# -- repository creation (what `cvmfs_server mkfs` would do; called by the test fixture) -----
+
+def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
+         owner: tuple[int, int] = (0, 0), include_xattrs: bool = True) -> Path:
+    base = home() / name
+    (base / "published").mkdir(parents=True)
+    (base / "empty").mkdir()
+    os.chown(base / "published", *owner)
+    conf = config_dir / "repositories.d" / name / "server.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(f"CVMFS_REPOSITORY_NAME={name}\nCVMFS_UNION_FS_TYPE=overlayfs\n"
+                    + ("CVMFS_INCLUDE_XATTRS=true\n" if include_xattrs else ""))
+    mount = mount_root / name
+    mount.mkdir(parents=True)
+    client = client_root / name
+    client.mkdir(parents=True)
+    state = {"mount": str(mount), "client": str(client), "server_conf": str(conf),
+             "owner": list(owner), "transaction": False,
+             "counts": {"transaction": 0, "publish": 0, "abort": 0, "ingest": 0},
+             "fail": {}}
+    (base / "state.json").write_text(json.dumps(state, indent=1))
+    repo = Repo(name)
+    repo.mount_readonly()
+    subprocess.run(["mount", "--bind", str(base / "published"), str(client)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(client)], check=True)
+    return mount
+
+
+def rmfs(name: str) -> None:
+    repo = Repo(name)
+    repo.unmount_view()
+    subprocess.run(["umount", repo.state["client"]], check=False, capture_output=True)
+    shutil.rmtree(repo.base, ignore_errors=True)
+
+
+# -- commands -------------------------------------------------------------------------
+
+def cmd_transaction(args: list[str]) -> None:
+    template = None
+    if args[:1] == ["-T"]:
+        template, args = args[1], args[2:]
+    if len(args) != 1:
+        fail("usage: cvmfs_server transaction [-T /src=/dst] <repository>", 2)
+    repo = Repo(args[0])
+    if repo.state["transaction"]:
+        fail(f"another transaction is already open on {repo.name}")
+    if template:
+        src_text, sep, dst_text = template.partition("=")
+        src = repo.published / src_text.strip("/")
+        dst = repo.published / dst_text.strip("/")
+        if not sep or not src.exists() or dst.exists() or not dst.parent.is_dir():
+            fail("template transaction: source missing, destination exists or its parent "
+                 "is missing", 22)
+        repo.unmount_view()
+        subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+        repo.count("publish")
+    repo.mount_writable()
+    repo.state["transaction"] = True
+    repo.count("transaction")
+
+
+def cmd_publish(args: list[str]) -> None:
+    if len(args) != 1:
+        fail("usage: cvmfs_server publish <repository>", 2)
+    repo = Repo(args[0])
+    if not repo.state["transaction"]:
+        fail(f"{repo.name} is not in a transaction")
+    if repo.state["fail"].get("publish") == repo.state["counts"]["publish"] + 1:
+        fail("injected failure: publish failed (the transaction stays open)")
+    time.sleep(float(repo.state["fail"].get("publish_sleep", 0)))
+    repo.unmount_view()
+    try:
+        _merge(repo)
+    except _Violation as exc:
+        repo.mount_writable()
+        fail(str(exc))
+    shutil.rmtree(repo.base / "scratch")
+    repo.mount_readonly()
+    repo.state["transaction"] = False
+    repo.save()
+    repo.count("publish")
+
+
+def cmd_abort(args: list[str]) -> None:
+    if args[:1] != ["-f"] or len(args) != 2:
+        fail("usage (stand-in): cvmfs_server abort -f <repository>", 2)
+    repo = Repo(args[1])
+    if not repo.state["transaction"]:
+        fail(f"{repo.name} is not in a transaction")
+    repo.unmount_view()
+    shutil.rmtree(repo.base / "scratch", ignore_errors=True)
+    repo.mount_readonly()
+    repo.state["transaction"] = False
+    repo.save()
+    repo.count("abort")
+
+
+def cmd_ingest(args: list[str]) -> None:
+    keep_owner = catalog = False
+    source = base = delete = None
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "-k":
+            keep_owner = True
+        elif arg == "--catalog":
+            catalog = True
+        elif arg == "-t":
+            source = next(it)
+        elif arg == "-b":
+            base = next(it)
+        elif arg == "--delete":
+            delete = next(it)
+        elif arg.startswith("-"):
+            fail(f"stand-in: unsupported ingest option {arg}", 2)
+        else:
+            rest.append(arg)
+    if len(rest) != 1:
+        fail("usage: cvmfs_server ingest ... <repository>", 2)
+    repo = Repo(rest[0])
+    if repo.state["transaction"]:
+        fail(f"another transaction is already open on {repo.name}")
+    if delete is not None and base is not None and delete.strip("/") == base.strip("/"):
+        fail("PANIC: deleting and ingesting the same path in one command", 1)
+    number = repo.state["counts"]["ingest"] + 1
+    if repo.state["fail"].get("ingest") == number:
+        if source == "-":
+            sys.stdin.buffer.read(4096)
+        if repo.state["fail"].get("ingest_leaves_transaction"):
+            repo.mount_writable()
+            repo.state["transaction"] = True
+            repo.save()
+        fail("injected failure: ingest failed")
+    if delete is not None:
+        target = repo.published / delete.strip("/")
+        if not target.exists() and not target.is_symlink():
+            print(f"warning: {delete} does not exist", file=sys.stderr)
+        else:
+            _remove(target)
+            repo.mount_readonly()
+    if source is not None:
+        if base is None:
+            fail("ingest needs -b", 2)
+        stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+        head = stream.peek(8)[:8] if hasattr(stream, "peek") else b""
+        if any(head.startswith(m) for m in _COMPRESSED_MAGIC):
+            fail("Unrecognized archive format")
+        # The server view stays mounted (the publisher may be reading it to build this
+        # very tar); it is mounted afresh afterwards, so it shows the new content.
+        try:
+            added = _ingest_tar(repo, stream, base.strip("/"), keep_owner)
+        finally:
+            repo.mount_readonly()
+        if catalog:
+            (repo.published / base.strip("/") / ".cvmfscatalog").touch()
+        repo.add_ingested(added)
+    repo.count("ingest")
+    repo.count("publish")
+
+
+# -- what ingest does with a tar --------------------------------------------------------
+
+def _ingest_tar(repo: Repo, stream: Any, base: str, keep_owner: bool) -> list[bytes]:
+    owner = repo.owner()
+    root = repo.published
+    added: list[bytes] = []
+    try:
+        tar = tarfile.open(  # noqa: SIM115 (read to the end below)
+            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
+    except tarfile.TarError:
+        fail("Unrecognized archive format")
+    for member in tar:
+        name = os.fsencode(member.name).strip(b"/")
+        if name in (b"", b"."):
+            continue
+        parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+        if b".." in parts:
+            fail(f"ingest: refusing member {member.name}")
+        rel = os.path.join(os.fsencode(base), *parts) if base else os.path.join(*parts)
+        path = os.path.join(os.fsencode(root), rel)
+        _make_parents(path, (65534, 65534) if keep_owner else owner)
+        uid, gid = (member.uid, member.gid) if keep_owner else owner
+        if member.isdir():
+            if os.path.lexists(path) and not os.path.isdir(path):
+                os.unlink(path)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+        else:
+            if os.path.lexists(path):
+                _remove(Path(os.fsdecode(path)))
+            if member.isreg():
+                with open(path, "wb") as f:
+                    shutil.copyfileobj(tar.extractfile(member), f)  # type: ignore[misc]
+            elif member.islnk():  # CVMFS keeps the content, not the link
+                target = os.path.join(os.fsencode(root), os.fsencode(base),
+                                      os.fsencode(member.linkname).strip(b"/"))
+                shutil.copyfile(target, path)
+            elif member.issym():
+                os.symlink(os.fsencode(member.linkname), path)
+            elif member.ischr() or member.isblk():
+                kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+                os.mknod(path, kind | member.mode, os.makedev(member.devmajor, member.devminor))
+            elif member.isfifo():
+                os.mkfifo(path, member.mode)
+        os.chown(path, uid, gid, follow_symlinks=False)
+        if not member.issym():
+            os.chmod(path, member.mode)
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        added.append(rel)
+    return added
+
+
+def _make_parents(path: bytes, owner: tuple[int, int]) -> None:
+    parent = os.path.dirname(path)
+    missing = []
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(missing):
+        os.mkdir(d, 0o755)
+        os.chown(d, *owner)
+
+
+# -- what publish does with the scratch area ----------------------------------------------
+
+class _Violation(Exception):
+    pass
+
+
+def _merge(repo: Repo) -> None:
+    upper = os.fsencode(repo.upper)
+    published = os.fsencode(repo.published)
+    include = repo.include_xattrs()
+    ingested = repo.ingested()
+    for dirpath, dirnames, filenames in os.walk(upper):
+        rel_dir = os.path.relpath(dirpath, upper)
+        rel_dir = b"" if rel_dir == b"." else rel_dir
+        for name in sorted(dirnames + filenames):
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            src = os.path.join(dirpath, name)
+            dst = os.path.join(published, rel)
+            st = os.lstat(src)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a deletion
+                _remove(Path(os.fsdecode(dst)))
+                continue
+            xattrs = _visible_xattrs(src) if include else {}
+            if rel in ingested and os.path.lexists(dst) and xattrs != _stored_xattrs(dst):
+                raise _Violation(f"setfattr on {os.fsdecode(rel)}: Value too large for "
+                                 "defined data type")
+            if stat.S_ISDIR(st.st_mode):
+                opaque = _get(src, "trusted.overlay.opaque") == b"y"
+                if os.path.lexists(dst) and (opaque or not os.path.isdir(dst)):
+                    _remove(Path(os.fsdecode(dst)))
+                if not os.path.isdir(dst):
+                    os.mkdir(dst)
+            else:
+                if os.path.lexists(dst):
+                    _remove(Path(os.fsdecode(dst)))
+                if stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(src, dst)  # hardlinks become independent copies
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(src), dst)
+                else:
+                    os.mknod(dst, st.st_mode, st.st_rdev)
+            os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+                for key in _stored_xattrs(dst):
+                    os.removexattr(dst, key)
+                for key, value in xattrs.items():
+                    os.setxattr(dst, key, value)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    # Directory times once all children are in.
+    for dirpath, dirnames, _ in os.walk(upper):
+        for name in dirnames:
+            src = os.path.join(dirpath, name)
+            st = os.lstat(src)
+            if stat.S_ISDIR(st.st_mode):  # os.walk counts symlinks to directories too
+                rel = os.path.relpath(src, upper)
+                os.utime(os.path.join(published, rel), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _get(path: bytes, key: str) -> bytes | None:
+    try:
+        return os.getxattr(path, key, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _visible_xattrs(path: bytes) -> dict[str, bytes]:
+    """The xattrs a client sees after publish: overlay's own are dropped, escaped ones
+    (set by the user on new directories) unescaped, long values skipped."""
+    found = {}
+    if os.path.islink(path):
+        return found
+    for key in os.listxattr(path, follow_symlinks=False):
+        value = os.getxattr(path, key, follow_symlinks=False)
+        if key.startswith("trusted.overlay.overlay."):
+            key = "trusted.overlay." + key[len("trusted.overlay.overlay."):]
+        elif key.startswith("trusted.overlay."):
+            continue
+        if len(value) <= XATTR_VALUE_MAX:
+            found[key] = value
+    return found
+
+
+def _stored_xattrs(path: bytes) -> dict[str, bytes]:
+    if os.path.islink(path) or not os.path.lexists(path):
+        return {}
+    return {k: os.getxattr(path, k, follow_symlinks=False)
+            for k in os.listxattr(path, follow_symlinks=False)}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+COMMANDS = {"transaction": cmd_transaction, "publish": cmd_publish, "abort": cmd_abort,
+            "ingest": cmd_ingest}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        fail(f"stand-in cvmfs_server: unsupported command {sys.argv[1:]!r}", 2)
+    COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
