@@ -11,17 +11,21 @@
    time and peak RSS (of the lazypod process tree) per round; medians compared.
 4. Start-up: `podman run --rm IMAGE true` with the image in podman's own storage vs
    from the repository's image store.
-Prints a table and writes it to bench/results/latest.md.
+5. Memory whatever the layer size: peak RSS converting one 1 GiB layer.
+6. The cvmfs backend (bench/cvmfs.py): publishes per run against DUCC's count.
+Prints the tables and writes them to bench/results/latest.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -29,7 +33,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
+from isal import igzip  # noqa: E402
+from support.images import Blob, image  # noqa: E402
 from support.podman import Podman  # noqa: E402
 from support.registry import Registry  # noqa: E402
 
@@ -102,10 +109,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="conversion rounds")
     parser.add_argument("--runs", type=int, default=10, help="podman run repetitions")
-    parser.add_argument("--no-drop-caches", action="store_true",
-                        help="keep the page cache between measurements")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before each measurement (slow and noisy on "
+                             "virtual machines whose memory comes back from the host)")
+    parser.add_argument("--big-layer-mib", type=int, default=1024,
+                        help="size of the one-layer image for the memory measure (0: skip)")
+    parser.add_argument("--cvmfs-only", action="store_true", help="only the cvmfs benchmark")
     args = parser.parse_args()
+    sections = [] if args.cvmfs_only else [podman_comparison(args)]
+    if args.big_layer_mib and not args.cvmfs_only:
+        sections.append(big_layer_memory(args.big_layer_mib))
+    import cvmfs  # bench/cvmfs.py
 
+    sections.append(cvmfs.main())
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / "latest.md").write_text("\n\n".join(sections) + "\n")
+
+
+def big_layer_memory(mib: int) -> str:
+    """Peak RSS converting an image whose single layer holds `mib` MiB of random data."""
+    work = Path(tempfile.mkdtemp(prefix="lazypod-bench-big-", dir="/var/tmp"))
+    registry = Registry(work)
+    try:
+        tar_path = work / "layer.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for i in range(max(1, mib // 256)):
+                data = work / "chunk"
+                with data.open("wb") as f:
+                    for _ in range(256):
+                        f.write(os.urandom(1 << 20))
+                tar.add(data, arcname=f"big/{i}")
+                data.unlink()
+        raw = tar_path.read_bytes()
+        tar_path.unlink()
+        blob = Blob(igzip.compress(raw, compresslevel=1),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "sha256:" + hashlib.sha256(raw).hexdigest())
+        del raw
+        name = registry.push("bench/big", "1", image([blob]))
+        del blob
+        settle(False)
+        seconds, rss = timed([LAZYPOD, "convert-single-image", "--skip-flat",
+                              "--insecure-registry", registry.host, name, str(work / "repo")])
+        table = (f"One layer of {mib} MiB (random data, gzip): convert-single-image peak RSS "
+                 f"{rss / 1024:.0f} MiB, {seconds:.1f} s.")
+        print(table, flush=True)
+        return table
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def podman_comparison(args: argparse.Namespace) -> str:
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lazypod-bench-", dir="/var/tmp"))
     builder = Podman(CACHE / "builder", runroot=Path("/tmp/lazypod-bench-builder"))
@@ -121,13 +177,13 @@ def main() -> None:
         pull_times, convert_times, convert_rss = [], [], []
         for round_ in range(args.rounds):
             pulled = Podman(work / f"pull-{round_}")
-            settle(not args.no_drop_caches)
+            settle(args.drop_caches)
             seconds, _ = timed(pulled.command("pull", "-q", "--tls-verify=false", name),
                                env=pulled.env)
             pull_times.append(seconds)
             pulled.reset()
             repo = work / f"repo-{round_}"
-            settle(not args.no_drop_caches)
+            settle(args.drop_caches)
             seconds, rss = timed([LAZYPOD, "convert-single-image", "--insecure-registry",
                                   registry.host, name, str(repo)])
             convert_times.append(seconds)
@@ -170,10 +226,8 @@ def main() -> None:
             f"{r_repo:.3f} s | {r_repo / r_local:.2f} |",
         ])
         print()
-        print(table)
-        results_dir = HERE / "results"
-        results_dir.mkdir(exist_ok=True)
-        (results_dir / "latest.md").write_text(table + "\n")
+        print(table, flush=True)
+        return table
     finally:
         registry.stop()
         subprocess.run(["umount", "-R", str(work)], stderr=subprocess.DEVNULL, check=False)

@@ -132,14 +132,14 @@ def test_flat_tree_equals_the_container_tree(registry, lazypod, podman_factory, 
     pulled = podman_factory("pulled")
     pulled("pull", "--tls-verify=false", name)
     container = pulled.text("create", "--network=none", name, "/bin/busybox", "true").strip()
-    expected = snapshot(Path(pulled.text("mount", container).strip()), hardlinks=False)
+    expected = snapshot(Path(pulled.text("mount", container).strip()))
     pulled("umount", container)
 
     # Apptainer's metadata and the mount points it expects come on top of the image.
     added = {".singularity.d", "singularity", "proc", "sys", "dev", "cvmfs", "etc/hosts",
              "etc/resolv.conf", "home", "var/tmp"} - set(expected)
-    flat_tree = {path: entry for path, entry in snapshot(flat, hardlinks=False).items()
+    flat_tree = {path: entry for path, entry in snapshot(flat).items()
                  if path.split("/")[0] not in added and path not in added}
     assert flat_tree == expected
     hl_a, hl_b = (os.stat(flat / f"usr/local/bin/hl-{x}") for x in "ab")
-    assert hl_a.st_ino == hl_b.st_ino and hl_a.st_nlink == 2
+    assert hl_a.st_ino == hl_b.st_ino

@@ -107,9 +107,11 @@ class Podman:
 
 def snapshot(root: Path, *, hardlinks: bool = True) -> dict[str, tuple[object, ...]]:
     """Every entry under `root`: type, mode, owner, size, content hash, link target,
-    device numbers, user xattrs and hardlink group (the first path of its inode)."""
+    device numbers, user xattrs and, for files that share their inode with another
+    path of the tree, the hardlink group (its first path). Link counts themselves are
+    left out: they count links outside the tree too."""
     tree: dict[str, tuple[object, ...]] = {}
-    inode_first: dict[tuple[int, int], str] = {}
+    inode_paths: dict[tuple[int, int], list[str]] = {}
     root_b = os.fsencode(root)
     for dirpath, dirnames, filenames in os.walk(root_b):
         dirnames.sort()
@@ -123,8 +125,7 @@ def snapshot(root: Path, *, hardlinks: bool = True) -> dict[str, tuple[object, .
                 with open(full, "rb") as f:
                     extra = (st.st_size, hashlib.sha256(f.read()).hexdigest())
                 if hardlinks and st.st_nlink > 1:
-                    first = inode_first.setdefault((st.st_dev, st.st_ino), rel)
-                    extra += (f"link-group:{first}",)
+                    inode_paths.setdefault((st.st_dev, st.st_ino), []).append(rel)
             elif stat.S_ISLNK(kind):
                 extra = (os.readlink(full).decode("utf-8", "backslashreplace"),)
             elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
@@ -137,6 +138,11 @@ def snapshot(root: Path, *, hardlinks: bool = True) -> dict[str, tuple[object, .
                 ))
             mtime = None if stat.S_ISDIR(kind) else st.st_mtime_ns
             tree[rel] = (stat.filemode(st.st_mode), st.st_uid, st.st_gid, mtime, *extra, xattrs)
+    for paths in inode_paths.values():
+        if len(paths) > 1:
+            for rel in paths:
+                entry = tree[rel]
+                tree[rel] = (*entry[:-1], f"link-group:{paths[0]}", entry[-1])
     return tree
 
 

@@ -15,10 +15,10 @@ transaction, and only on directories that transaction creates. So a run goes:
 3. one `ingest -k` of a single tar holding every other entry of every new layer
    (files, symlinks, devices, FIFOs, whiteouts as 0/0 devices): ingest creates no
    parent itself, so no directory ends up owned by 65534;
-4. transaction B: layer records (`layers.json` last: it marks a layer complete),
-   image metadata, the podman store and origins; publish;
+4. transaction B: layer records (`layers.json` last: it marks a layer complete)
+   and image metadata; publish;
 5. one `ingest -k` of a single tar holding every new flat tree;
-6. transaction C: the public links to the new flat trees; publish.
+6. transaction C: the podman store, origins and the public links; publish.
 
 At most five publishes per run, whatever the number of images, layers and files
 (DUCC needs several per layer). Whiteouts under an opaque directory are dropped
