@@ -22,13 +22,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-PYTHON="${PYTHON:-python3}"
+# The distribution's Python: every user can run it (the rootless tests run lazypod as a
+# user; a Python under /root would not do).
+PYTHON="${PYTHON:-/usr/bin/python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: lazypod needs Python 3.11 or newer ($PYTHON is $("$PYTHON" --version))" >&2
     exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
+if [ "$(cat .venv/.lazypod-python 2>/dev/null)" != "$PYTHON" ]; then
+    rm -rf .venv
     "$PYTHON" -m venv .venv
+    echo "$PYTHON" > .venv/.lazypod-python
 fi
 # Reinstall only when the package definition changed since the last install.
 stamp=".venv/.lazypod-installed"

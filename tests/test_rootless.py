@@ -42,7 +42,7 @@ def test_rootless_user_sees_the_same_tree_as_a_normal_pull(
     from_repo = podman_factory("rootless-repo", user=ROOTLESS_USER, storage_opts=opts)
     # The same overlay settings, without the repository: only the image's origin differs.
     pulled = podman_factory("rootless-pulled", user=ROOTLESS_USER,
-                            storage_opts=[o for o in opts if "imagestore" not in o])
+                            storage_opts=[o for o in opts if "additional" not in o])
     pulled("pull", "--tls-verify=false", name)
 
     mark = registry.mark()

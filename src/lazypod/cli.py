@@ -9,6 +9,7 @@ Exit status: 0 done, 1 something failed (one line on stderr says what to do),
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -21,8 +22,11 @@ from . import __version__
 from .backend import Backend
 from .backend.cvmfs import CvmfsBackend, CvmfsConfig
 from .backend.directory import DirectoryBackend
+from .client_views import build_client_views
 from .convert import Converter, ConvertOptions, RunReport, expand_wildcards
 from .errors import LazypodError
+from .inventory import list_images
+from .layout import PODMAN_LAYERS, PODMAN_STORE, Layout
 from .logs import setup_logging
 from .manifest import Platform
 from .podman_config import PodmanConfig
@@ -30,6 +34,7 @@ from .progress import make_progress
 from .recipe import load_recipe
 from .reference import ImageReference, parse_reference
 from .registry import RegistryClient
+from .repository import RepositoryState
 from .views import ViewOptions
 
 log = logging.getLogger("lazypod")
@@ -222,16 +227,17 @@ def check_image_syntax(image: str) -> None:
     click.echo(f"layout name: {ref.public_name}")
 
 
-@main.command("podman-config")
-@click.argument("repository")
-@click.option("--rootless", "mode", flag_value="rootless", help="Only the rootless settings.")
-@click.option("--rootful", "mode", flag_value="rootful", help="Only the rootful settings.")
-@click.option("--storage-opts", is_flag=True,
-              help="Print `--storage-opt` flags for one podman command instead of storage.conf.")
-def podman_config(repository: str, mode: str | None, storage_opts: bool) -> None:
-    """Print the podman settings that run images from REPOSITORY (the path where
-    podman sees it, e.g. /cvmfs/unpacked.cern.ch)."""
-    config = PodmanConfig(str(Path(repository).absolute()))
+def _mode_options(func: F) -> F:
+    func = click.option("--rootless", "mode", flag_value="rootless",
+                        help="Only the rootless settings.")(func)
+    func = click.option("--rootful", "mode", flag_value="rootful",
+                        help="Only the rootful settings.")(func)
+    return click.option("--storage-opts", is_flag=True,
+                        help="Print `--storage-opt` flags for one podman command instead of "
+                             "storage.conf lines.")(func)
+
+
+def _print_config(config: PodmanConfig, mode: str | None, storage_opts: bool) -> None:
     modes = [mode == "rootless"] if mode else [False, True]
     for i, rootless in enumerate(modes):
         if storage_opts:
@@ -241,6 +247,75 @@ def podman_config(repository: str, mode: str | None, storage_opts: bool) -> None
             if i:
                 click.echo()
             click.echo(config.storage_conf(rootless=rootless), nl=False)
+
+
+@main.command("podman-config")
+@click.argument("repository")
+@_mode_options
+@click.option("--no-layer-store", is_flag=True, help="Leave out the additional layer store.")
+@click.option("--aufs-whiteouts", is_flag=True,
+              help="The repository's layers hold AUFS .wh. files (DUCC wrote them): use "
+                   "fuse-overlayfs rootful too. `lazypod views` finds out by itself.")
+def podman_config(repository: str, mode: str | None, storage_opts: bool, no_layer_store: bool,
+                  aufs_whiteouts: bool) -> None:
+    """Print the podman settings that run images from REPOSITORY (the path where
+    podman sees it, e.g. /cvmfs/unpacked.cern.ch)."""
+    root = str(Path(repository).absolute()).rstrip("/")
+    config = PodmanConfig(f"{root}/{PODMAN_STORE}",
+                          None if no_layer_store else f"{root}/{PODMAN_LAYERS}",
+                          aufs_whiteouts)
+    _print_config(config, mode, storage_opts)
+
+
+@main.command("views")
+@click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--into", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Local directory for the views (created; reruns update it).")
+@click.option("--offline", is_flag=True,
+              help="Never ask a registry for a missing image config: skip such images.")
+@click.option("--no-layer-store", is_flag=True, help="Only the image store.")
+@click.option("--public-root", metavar="PATH",
+              help="Where podman sees the repository, if not at REPOSITORY.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP for this registry when fetching configs.")
+@_mode_options
+@_fail_cleanly
+def views(repository: Path, into: Path, offline: bool, no_layer_store: bool,
+          public_root: str | None, insecure: tuple[str, ...], mode: str | None,
+          storage_opts: bool) -> None:
+    """Build a podman image store and layer store for REPOSITORY (e.g. one written by
+    DUCC, read-only) into a local directory; no root needed, nothing copied. Prints
+    the podman settings that use them."""
+    registry = None if offline else RegistryClient(insecure=insecure)
+    try:
+        report = build_client_views(repository, into, registry=registry,
+                                    public_root=public_root, layer_store=not no_layer_store)
+    finally:
+        if registry is not None:
+            registry.close()
+    click.echo(f"views: {report.images} images in {into}/store; configs: "
+               f"{report.configs_local} in the repository, {report.configs_cached} cached, "
+               f"{report.configs_fetched} fetched; diff IDs: {report.diff_ids_from_records} "
+               f"from layer records, {report.diff_ids_from_configs} from configs, 0 computed; "
+               f"{report.layers_scanned} layers scanned for AUFS whiteouts "
+               f"({len(report.aufs_layers)} have them); {report.files_read} metadata files "
+               f"read; {report.seconds:.2f}s", err=True)
+    out = into.absolute()
+    config = PodmanConfig(f"{out}/store", None if no_layer_store else f"{out}/layers",
+                          report.needs_fuse_overlayfs)
+    _print_config(config, mode, storage_opts)
+
+
+@main.command("ls")
+@click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def ls(repository: Path, as_json: bool) -> None:
+    """List the images of REPOSITORY and which views hold them."""
+    for row in list_images(RepositoryState.load(Layout(repository))):
+        if as_json:
+            click.echo(json.dumps(row.as_dict()))
+        else:
+            click.echo(row.line())
 
 
 if __name__ == "__main__":

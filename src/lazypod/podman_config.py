@@ -4,28 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import PODMAN_STORE
-
-__all__ = ["PodmanConfig"]
+__all__ = ["FUSE_OVERLAYFS", "PodmanConfig"]
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 
 
 @dataclass(frozen=True)
 class PodmanConfig:
-    """`root` is the path at which podman sees the repository (e.g. /cvmfs/unpacked.cern.ch)."""
+    """Paths as podman sees them (e.g. /cvmfs/unpacked.cern.ch/.podmanStore)."""
 
-    root: str
+    image_store: str
+    layer_store: str | None = None
+    aufs_whiteouts: bool = False  # layers with AUFS .wh. files need fuse-overlayfs
 
-    @property
-    def image_store(self) -> str:
-        return f"{self.root.rstrip('/')}/{PODMAN_STORE}"
+    def mount_program(self, *, rootless: bool) -> bool:
+        return rootless or self.aufs_whiteouts
 
     def storage_opts(self, *, rootless: bool) -> list[str]:
         """`--storage-opt` values for a one-off `podman` command."""
         opts = [f"additionalimagestore={self.image_store}"]
+        if self.layer_store:
+            opts.append(f"overlay.additionallayerstore={self.layer_store}")
+        if self.mount_program(rootless=rootless):
+            opts.append(f"overlay.mount_program={FUSE_OVERLAYFS}")
         if rootless:
-            opts += [f"overlay.mount_program={FUSE_OVERLAYFS}", "overlay.mountopt=squash_to_root"]
+            opts.append("overlay.mountopt=squash_to_root")
         return opts
 
     def storage_conf(self, *, rootless: bool) -> str:
@@ -35,23 +38,23 @@ class PodmanConfig:
             if rootless
             else "/etc/containers/storage.conf (rootful podman)"
         )
-        lines = [
-            f"# {where}",
-            "[storage]",
-            'driver = "overlay"',
-            "",
-            "[storage.options]",
-            f'additionalimagestores = ["{self.image_store}"]',
-        ]
-        if rootless:
-            lines += [
-                "",
-                "# The repository's files belong to the publisher's users, which a user",
-                "# namespace cannot map: fuse-overlayfs presents them as the container's root,",
-                "# so the container can write where the image expects (e.g. /etc/mtab).",
-                "# /dev/fuse must be usable by the user.",
-                "[storage.options.overlay]",
-                f'mount_program = "{FUSE_OVERLAYFS}"',
-                'mountopt = "squash_to_root"',
-            ]
+        lines = [f"# {where}", "[storage]", 'driver = "overlay"', "", "[storage.options]",
+                 f'additionalimagestores = ["{self.image_store}"]']
+        if self.layer_store:
+            lines += ["# podman 4.x: pulls of images whose layers are all in the repository",
+                      "# fetch only manifest and config (podman 5.1+ ignores it for gzip layers)",
+                      f'additionallayerstores = ["{self.layer_store}"]']
+        if self.mount_program(rootless=rootless):
+            lines += ["", "[storage.options.overlay]"]
+            if self.aufs_whiteouts:
+                lines += ["# Some layers hold AUFS .wh. whiteouts (written by DUCC), which only",
+                          "# fuse-overlayfs honours."]
+            if rootless:
+                lines += ["# The repository's files belong to the publisher's users, which a",
+                          "# user namespace cannot map: fuse-overlayfs presents them as the",
+                          "# container's root, so it can write where the image expects",
+                          "# (e.g. /etc/mtab). /dev/fuse must be usable by the user."]
+            lines.append(f'mount_program = "{FUSE_OVERLAYFS}"')
+            if rootless:
+                lines.append('mountopt = "squash_to_root"')
         return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from ..backend import TreeWriter
 from ..digest import Digest
 from ..repository import RepositoryState
 from .flat import FlatReport, render_flat
+from .layer_store import LayerStoreReport, render_layer_store
 from .podman_store import StoreReport, render_image_store
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
@@ -29,6 +30,7 @@ class ViewOptions:
 @dataclass
 class ViewsReport:
     store: StoreReport | None = None
+    layer_store: LayerStoreReport | None = None
     flat: FlatReport | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -47,6 +49,7 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
     render_origins(state, writer)
     if options.podman_store:
         report.store = render_image_store(state, writer, warn)
+        report.layer_store = render_layer_store(state, writer, warn)
     return report
 
 

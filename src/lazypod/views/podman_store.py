@@ -60,7 +60,8 @@ class StoreLayer:
         obj["compressed-diff-digest"] = str(self.blob.digest)
         obj["compressed-size"] = self.blob.size
         obj["diff-digest"] = str(self.record.diff_id)
-        obj["diff-size"] = self.record.diff_size
+        if self.record.diff_size is not None:  # unknown for DUCC's oldest layers
+            obj["diff-size"] = self.record.diff_size
         code = Compression.STORAGE_CODE.get(self.blob.compression, 0)
         if code:
             obj["compression"] = code
@@ -153,8 +154,6 @@ def _add_image(
             return f"layer {blob.digest.short} is missing from .layers"
         if record.diff_id != diff_id:
             return f"layer {blob.digest.short} has diff ID {record.diff_id}, config says {diff_id}"
-        if record.diff_size is None:
-            return f"layer {blob.digest.short} has no diff-size in its layers.json"
         records.append(record)
     ids = chain_ids(list(config.diff_ids))
     links: list[str] = []

@@ -1,0 +1,208 @@
+"""Podman views for a repository lazypod did not write (or cannot write): built by any
+user into a local directory, pointing into the read-only repository by symlink.
+
+    lazypod views /cvmfs/unpacked.cern.ch --into ~/.local/share/lazypod/unpacked
+
+What a DUCC-written repository may lack, and where it comes from here:
+
+* image configs (`config.json`): from a local cache in the views directory, else
+  from the image's registry (one small, verified request), else the image is
+  skipped with a warning that says why;
+* layer records (`layers.json`, missing for DUCC's oldest layers): the diff IDs come
+  from the image configs. A diff ID cannot be recomputed from unpacked files (the
+  original tar bytes are gone), so nothing is hashed; the size is left unknown;
+* overlay whiteouts: DUCC ingested layers as tarballs, so they hold AUFS `.wh.`
+  files, which kernel overlayfs ignores. Layers without lazypod's `whiteouts.json`
+  are scanned once for `.wh.` names (the answer is cached); if any has them, the
+  views must be used with fuse-overlayfs as podman's mount program, which honours
+  AUFS whiteouts as they are: nothing is copied, no layer is added, and layer IDs
+  stay those podman computes, so lazy pulls keep working.
+
+Reruns are incremental: only what changed is written, each change atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend.directory import DirectoryBackend, DirectoryRun
+from .digest import Digest
+from .errors import LazypodError
+from .layout import Layout
+from .manifest import ImageConfig
+from .registry import MAX_CONFIG_SIZE, RegistryClient
+from .repository import ImageRecord, LayerRecord, LayerWhiteouts, RepositoryState
+from .views.layer_store import LayerStoreReport, render_layer_store
+from .views.podman_store import StoreReport, render_image_store
+
+__all__ = ["ClientViewsReport", "build_client_views"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_STORE = "store"
+LAYER_STORE = "layers"
+_CONFIG_CACHE = "configs"
+_AUFS_CACHE = "aufs-scan.json"
+
+
+@dataclass
+class ClientViewsReport:
+    images: int = 0
+    configs_local: int = 0
+    configs_fetched: int = 0
+    configs_cached: int = 0
+    diff_ids_from_records: int = 0
+    diff_ids_from_configs: int = 0
+    layers_scanned: int = 0
+    aufs_layers: list[str] = field(default_factory=list)
+    files_read: int = 0
+    store: StoreReport | None = None
+    layer_store: LayerStoreReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def needs_fuse_overlayfs(self) -> bool:
+        return bool(self.aufs_layers)
+
+
+def build_client_views(
+    repository: Path,
+    into: Path,
+    *,
+    registry: RegistryClient | None,
+    public_root: str | None = None,
+    layer_store: bool = True,
+) -> ClientViewsReport:
+    """Render an image store (`<into>/store`) and a layer store (`<into>/layers`)."""
+    started = time.monotonic()
+    report = ClientViewsReport()
+
+    def warn(message: str) -> None:
+        report.warnings.append(message)
+        log.warning("%s", message)
+
+    layout = Layout(repository)
+    if not (repository / ".metadata").is_dir():
+        raise LazypodError(f"{repository} has no .metadata: not a lazypod or DUCC repository")
+    state = RepositoryState.load(layout)
+    for problem in state.problems:
+        warn(problem)
+    report.files_read = _count_reads(state)
+    backend = DirectoryBackend(into, public_root=str(into.absolute()))
+    with backend.run() as writer:
+        _complete_configs(state, writer, registry, report, warn)
+        _complete_layer_records(state, report)
+        _scan_for_aufs(state, writer, report)
+        layers_root = public_root or str(repository.absolute())
+        report.store = render_image_store(state, writer, warn, prefix=IMAGE_STORE,
+                                          layers_root=layers_root)
+        if layer_store:
+            report.layer_store = render_layer_store(state, writer, warn, prefix=LAYER_STORE,
+                                                    layers_root=layers_root)
+        writer.commit()
+    report.images = report.store.images
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _count_reads(state: RepositoryState) -> int:
+    per_image = sum(1 + (image.config is not None) + (image.index is not None)
+                    for image in state.images)
+    return per_image + sum(1 for record in state.layers.values() if record.complete)
+
+
+def _complete_configs(
+    state: RepositoryState,
+    writer: DirectoryRun,
+    registry: RegistryClient | None,
+    report: ClientViewsReport,
+    warn: Callable[[str], None],
+) -> None:
+    cache = writer.layout.root / _CONFIG_CACHE
+    for i, image in enumerate(state.images):
+        if image.config is not None:
+            report.configs_local += 1
+            continue
+        digest = image.manifest.config.digest
+        raw = _read_verified(cache / f"{digest.hex}.json", digest)
+        if raw is not None:
+            report.configs_cached += 1
+        elif registry is None:
+            warn(f"{image.public_name}: no config.json in the repository and registry "
+                 "access is off (--offline): skipped")
+            continue
+        else:
+            try:
+                raw = registry.get_blob_bytes(image.reference, image.manifest.config,
+                                              MAX_CONFIG_SIZE, "image config")
+            except LazypodError as exc:
+                warn(f"{image.public_name}: no config.json in the repository and the "
+                     f"registry did not give it ({exc}): skipped")
+                continue
+            writer.write_file(f"{_CONFIG_CACHE}/{digest.hex}.json", raw)
+            report.configs_fetched += 1
+        state.images[i] = ImageRecord(image.public_name, image.reference, image.manifest,
+                                      ImageConfig.parse(raw, digest), image.index,
+                                      image.manifest_digest_known)
+
+
+def _read_verified(path: Path, digest: Digest) -> bytes | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    return raw if Digest.of(raw, digest.algorithm) == digest else None
+
+
+def _complete_layer_records(state: RepositoryState, report: ClientViewsReport) -> None:
+    """Layers without layers.json (DUCC's oldest) get their diff ID from the configs."""
+    for image in state.images:
+        if image.config is None:
+            continue
+        for blob, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=False):
+            record = state.layers.get(blob.digest)
+            if record is None:
+                continue
+            if record.complete:
+                report.diff_ids_from_records += 1
+            elif state.layout.layerfs(blob.digest).is_dir():
+                state.layers[blob.digest] = LayerRecord(blob.digest, diff_id=diff_id)
+                report.diff_ids_from_configs += 1
+
+
+def _scan_for_aufs(state: RepositoryState, writer: DirectoryRun, report: ClientViewsReport) -> None:
+    """Which layers hold AUFS `.wh.` files (lazypod's own never do: whiteouts.json)."""
+    cache_path = writer.layout.root / _AUFS_CACHE
+    try:
+        cache: dict[str, bool] = json.loads(cache_path.read_bytes())
+    except (OSError, ValueError):
+        cache = {}
+    changed = False
+    for digest, record in state.layers.items():
+        if not record.complete:
+            continue
+        layer_dir = state.layout.layer_dir(digest)
+        if LayerWhiteouts.read(layer_dir) is not None:
+            continue
+        if digest.hex not in cache:
+            cache[digest.hex] = _has_aufs_whiteouts(state.layout.layerfs(digest))
+            report.layers_scanned += 1
+            changed = True
+        if cache[digest.hex]:
+            report.aufs_layers.append(digest.hex)
+    if changed:
+        writer.write_file(_AUFS_CACHE, json.dumps(cache, indent=1).encode())
+
+
+def _has_aufs_whiteouts(layerfs: Path) -> bool:
+    for _dirpath, dirnames, filenames in os.walk(layerfs):
+        if any(name.startswith(".wh.") for name in filenames + dirnames):
+            return True
+    return False

@@ -1,0 +1,117 @@
+"""The podman *additional layer store* view (`.podmanLayers`).
+
+    .podmanLayers/sha256:<blob hex>/diff   absolute symlink to the layer's layerfs
+    .podmanLayers/sha256:<blob hex>/info   the layer's record, in layers.json form
+    .podmanLayers/sha256:<blob hex>/blob   an empty placeholder (see below)
+
+With `--storage-opt overlay.additionallayerstore=<root>/.podmanLayers`, podman 4.x
+pulls an image whose layers are all here by fetching only its manifest and config;
+podman 5.1 and later ask this store only for layers with a TOC digest
+(zstd:chunked, eStargz), so there the image store's layer records are what avoid
+downloads. containers/storage wants a `blob` file to exist and reads it only to
+push or save such a layer; the repository does not keep compressed blobs, so it
+is empty, and a push or save of an image pulled through this store fails on the
+digest instead of sending wrong bytes (use the image store for those).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backend import TreeWriter
+from ..digest import Digest
+from ..layout import PODMAN_LAYERS
+from ..manifest import Compression, Descriptor
+from ..repository import LayerRecord, RepositoryState
+
+__all__ = ["LayerStoreReport", "render_layer_store"]
+
+
+@dataclass
+class LayerStoreReport:
+    layers: int
+    added: int
+    removed: int
+
+
+def layer_info(record: LayerRecord, blob: Descriptor) -> bytes:
+    assert record.diff_id is not None
+    obj: dict[str, Any] = {
+        "compressed-diff-digest": str(blob.digest),
+        "compressed-size": blob.size,
+        "diff-digest": str(record.diff_id),
+        "diff-size": record.diff_size if record.diff_size is not None else -1,
+    }
+    code = Compression.STORAGE_CODE.get(blob.compression, 0)
+    if code:
+        obj["compression"] = code
+    if record.uidset:
+        obj["uidset"] = list(record.uidset)
+    if record.gidset:
+        obj["gidset"] = list(record.gidset)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def render_layer_store(
+    state: RepositoryState,
+    writer: TreeWriter,
+    warn: Callable[[str], None],
+    *,
+    prefix: str = PODMAN_LAYERS,
+    layers_root: str | None = None,
+) -> LayerStoreReport:
+    public = layers_root or writer.public_root
+    wanted: dict[Digest, tuple[LayerRecord, Descriptor]] = {}
+    for image in state.images:
+        for blob in image.manifest.layers:
+            record = state.layer(blob.digest)
+            if record is None or not record.complete or blob.is_foreign:
+                continue
+            if record.diff_id is None:
+                continue
+            wanted.setdefault(blob.digest, (record, blob))
+    root = writer.layout.root / prefix
+    writer.make_dir(prefix)
+    added = 0
+    for digest, (record, blob) in wanted.items():
+        name = f"sha256:{digest.hex}"
+        target = f"{public}/{state.layout.layer_rel(digest)}/layerfs"
+        info = layer_info(record, blob)
+        directory = root / name
+        try:
+            ok = (os.readlink(directory / "diff") == target
+                  and (directory / "info").read_bytes() == info
+                  and (directory / "blob").exists())
+        except OSError:
+            ok = False
+        if ok:
+            continue
+
+        def fill(path: Path, target: str = target, info: bytes = info) -> None:
+            os.symlink(target, path / "diff")
+            (path / "info").write_bytes(info)
+            (path / "blob").write_bytes(b"")
+            for file in ("info", "blob"):
+                (path / file).chmod(0o644)
+
+        writer.replace_dir(f"{prefix}/{name}", fill)
+        added += 1
+    removed = 0
+    wanted_names = {f"sha256:{d.hex}" for d in wanted}
+    for name in _listdir(root):
+        if name.startswith("sha256:") and name not in wanted_names:
+            writer.remove(f"{prefix}/{name}")
+            removed += 1
+    return LayerStoreReport(len(wanted), added, removed)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
