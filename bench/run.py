@@ -11,8 +11,11 @@
    time and peak RSS (of the lazypod process tree) per round; medians compared.
 4. Start-up: `podman run --rm IMAGE true` with the image in podman's own storage vs
    from the repository's image store.
-5. Memory whatever the layer size: peak RSS converting one 1 GiB layer.
-6. The cvmfs backend (bench/cvmfs.py): publishes per run against DUCC's count.
+5. Lazy pulls: `podman pull` with the repository's layer store (every layer present)
+   vs a plain `podman pull`.
+6. Memory whatever the layer size: peak RSS converting one 1 GiB layer.
+7. Client views: `lazypod views` for a repository of 100 images (configs present).
+8. The cvmfs backend (bench/cvmfs.py): publishes per run against DUCC's count.
 Prints the tables and writes them to bench/results/latest.md.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from isal import igzip  # noqa: E402
-from support.images import Blob, image  # noqa: E402
+from support.images import Blob, Entry, busybox_entries, image, layer  # noqa: E402
 from support.podman import Podman  # noqa: E402
 from support.registry import Registry  # noqa: E402
 
@@ -119,12 +123,48 @@ def main() -> None:
     sections = [] if args.cvmfs_only else [podman_comparison(args)]
     if args.big_layer_mib and not args.cvmfs_only:
         sections.append(big_layer_memory(args.big_layer_mib))
+    if not args.cvmfs_only:
+        sections.append(client_views(100))
     import cvmfs  # bench/cvmfs.py
 
     sections.append(cvmfs.main())
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / "latest.md").write_text("\n\n".join(sections) + "\n")
+
+
+def client_views(count: int) -> str:
+    """`lazypod views` for a repository of `count` images sharing a base."""
+    work = Path(tempfile.mkdtemp(prefix="lazypod-bench-views-", dir="/var/tmp"))
+    registry = Registry(work)
+    try:
+        base = layer(busybox_entries())
+        names = []
+        for i in range(count):
+            img = image([base, layer([Entry(f"app/{i}", data=f"{i}".encode())])],
+                        label=f"views{i}")
+            names.append(registry.push("bench/views", str(i), img))
+        recipe = work / "recipe.yaml"
+        recipe.write_text("version: 1\ninput:\n" + "".join(f"  - '{n}'\n" for n in names))
+        repo = work / "repo"
+        convert_s, _ = timed([LAZYPOD, "convert", "--skip-flat", "--insecure-registry",
+                              registry.host, str(recipe), str(repo)])
+        views_s, _ = timed([LAZYPOD, "views", str(repo), "--into", str(work / "views"),
+                            "--offline"])
+        proc = subprocess.run([LAZYPOD, "views", str(repo), "--into", str(work / "views"),
+                               "--offline"], capture_output=True, text=True, check=True)
+        files = re.search(r"(\d+) metadata files read", proc.stderr)
+        rerun_s, _ = timed([LAZYPOD, "views", str(repo), "--into", str(work / "views"),
+                            "--offline"])
+        table = (f"Client views for a repository of {count} images (converted in "
+                 f"{convert_s:.1f} s by one `lazypod convert`): `lazypod views` "
+                 f"{views_s:.2f} s, {files.group(1) if files else '?'} metadata files read; "
+                 f"rerun with nothing new {rerun_s:.2f} s.")
+        print(table, flush=True)
+        return table
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def big_layer_memory(mib: int) -> str:
@@ -194,6 +234,16 @@ def podman_comparison(args: argparse.Namespace) -> str:
                   f"lazypod convert {convert_times[-1]:.2f}s ({rss / 1024:.0f} MiB)", flush=True)
 
         repo = work / f"repo-{args.rounds - 1}"
+        plain_pulls, als_pulls = [], []
+        for round_ in range(args.rounds):
+            plain = Podman(work / f"plain-{round_}")
+            als = Podman(work / f"als-{round_}", storage_opts=[
+                f"overlay.additionallayerstore={repo}/.podmanLayers"])
+            for podman, results in ((plain, plain_pulls), (als, als_pulls)):
+                settle(args.drop_caches)
+                results.append(timed(podman.command("pull", "-q", "--tls-verify=false", name),
+                                     env=podman.env)[0])
+                podman.reset()
         local = Podman(work / "run-local")
         local("pull", "-q", "--tls-verify=false", name)
         from_repo = Podman(work / "run-repo", storage_opts=[
@@ -211,6 +261,7 @@ def podman_comparison(args: argparse.Namespace) -> str:
         pull = statistics.median(pull_times)
         convert = statistics.median(convert_times)
         r_local, r_repo = statistics.median(run_local), statistics.median(run_repo)
+        plain_pull, als_pull = statistics.median(plain_pulls), statistics.median(als_pulls)
         table = "\n".join([
             f"Image: Debian bookworm minbase + apt-get install layer + deletions, "
             f"{int(size) / 1e6:.0f} MB, {layers.strip()} layers; "
@@ -224,6 +275,8 @@ def podman_comparison(args: argparse.Namespace) -> str:
             f"| convert-single-image peak RSS | | {max(convert_rss) / 1024:.0f} MiB | |",
             f"| `podman run --rm IMAGE true`, local storage vs repository | {r_local:.3f} s | "
             f"{r_repo:.3f} s | {r_repo / r_local:.2f} |",
+            f"| `podman pull`, plain vs with the repository's layer store | {plain_pull:.2f} s | "
+            f"{als_pull:.2f} s | {als_pull / plain_pull:.2f} |",
         ])
         print()
         print(table, flush=True)
