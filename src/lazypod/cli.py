@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,12 +23,14 @@ from . import __version__
 from .backend import Backend
 from .backend.cvmfs import CvmfsBackend, CvmfsConfig
 from .backend.directory import DirectoryBackend
+from .check import check_repository
 from .client_views import build_client_views
 from .convert import Converter, ConvertOptions, RunReport, expand_wildcards
 from .errors import LazypodError
 from .inventory import list_images
 from .layout import PODMAN_LAYERS, PODMAN_STORE, Layout
 from .logs import setup_logging
+from .maintenance import collect_garbage, remove_images
 from .manifest import Platform
 from .podman_config import PodmanConfig
 from .progress import make_progress
@@ -82,9 +85,17 @@ def _registry_options(func: F) -> F:
 
 def _publish_options(func: F) -> F:
     func = click.option("-p", "--skip-podman", is_flag=True,
-                        help="Do not write the podman image store (.podmanStore).")(func)
+                        help="Do not write the podman stores (.podmanStore, .podmanLayers).")(func)
     func = click.option("-s", "--skip-flat", is_flag=True,
                         help="Do not write flat root file systems (.flat) and public links.")(func)
+    func = click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True,
+                        help="Layers fetched and unpacked at once.")(func)
+    func = click.option("--progress/--no-progress", default=None,
+                        help="Progress bars (default: when stderr is a terminal).")(func)
+    return _backend_options(func)
+
+
+def _backend_options(func: F) -> F:
     func = click.option("--backend", "backend_kind", type=click.Choice(["dir", "cvmfs"]),
                         help="Where REPOSITORY is: a directory (default), or the name of a "
                              "CVMFS repository on this release manager machine (writes go "
@@ -94,14 +105,10 @@ def _publish_options(func: F) -> F:
     func = click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
                         help="cvmfs: local directory for unpacking layers before they are "
                              "published (default /var/spool/lazypod).")(func)
-    func = click.option("--public-root", metavar="PATH",
+    return click.option("--public-root", metavar="PATH",
                         help="Absolute path at which clients see the repository, for the "
-                             "podman store's links (default: the repository path; "
+                             "podman stores' links (default: the repository path; "
                              "/cvmfs/NAME for CVMFS).")(func)
-    func = click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True,
-                        help="Layers fetched and unpacked at once.")(func)
-    return click.option("--progress/--no-progress", default=None,
-                        help="Progress bars (default: when stderr is a terminal).")(func)
 
 
 def _backend(kind: str, repository: str, *, public_root: str | None, force: bool,
@@ -211,6 +218,107 @@ def convert(recipe: Path, repository: str | None, **kwargs: Any) -> None:
         log.info("recipe output_format (DUCC thin images) is not used by lazypod")
     _run_conversion(list(parsed.images), target,
                     default_backend="dir" if repository else "cvmfs", **kwargs)
+
+
+@main.command("loop")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("repository", required=False)
+@click.option("--interval", type=click.IntRange(min=1), default=600, show_default=True,
+              metavar="SECONDS", help="Time between the starts of two conversions.")
+@click.option("--max-runs", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N conversions (default: never).")
+@_registry_options
+@_publish_options
+@_fail_cleanly
+def loop(recipe: Path, repository: str | None, interval: int, max_runs: int | None,
+         **kwargs: Any) -> None:
+    """Convert RECIPE again and again (new tags of wildcard entries, moved tags),
+    rereading it before every run, as DUCC's loop does. A failed run is logged and
+    the loop goes on; SIGTERM stops it (an open CVMFS transaction is aborted). Use
+    --log-format json when a service manager collects the logs."""
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    runs = 0
+    while max_runs is None or runs < max_runs:
+        started = time.monotonic()
+        runs += 1
+        try:
+            parsed = load_recipe(recipe)
+            target = repository or parsed.cvmfs_repo
+            if not target:
+                raise click.UsageError("the recipe has no cvmfs_repo: give REPOSITORY")
+            report = _run_conversion(list(parsed.images), target,
+                                     default_backend="dir" if repository else "cvmfs",
+                                     **kwargs)
+            log.info("loop run %d done: %d images, %d publishes, %.1fs", runs,
+                     len(report.images), report.publishes, report.seconds)
+        except LazypodError as exc:
+            log.error("loop run %d failed: %s", runs, exc)
+        if max_runs is not None and runs >= max_runs:
+            break
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+@main.command("rm")
+@click.argument("repository")
+@click.argument("images", nargs=-1, required=True)
+@_backend_options
+@_fail_cleanly
+def rm(repository: str, images: tuple[str, ...], backend_kind: str | None, force: bool,
+       work_dir: Path | None, public_root: str | None) -> None:
+    """Remove IMAGES (by name, e.g. docker.io/library/debian:bookworm) from REPOSITORY:
+    their metadata, public links and podman store entries. Their layers stay until
+    `lazypod garbage-collection`."""
+    backend = _backend(backend_kind or "dir", repository, public_root=public_root,
+                       force=force, work_dir=work_dir)
+    for name in remove_images(backend, [parse_reference(i) for i in images]):
+        click.echo(f"removed {name}", err=True)
+
+
+@main.command("garbage-collection")
+@click.argument("repository")
+@click.option("-n", "--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--grace-period", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+              help="Keep unused layers younger than this.")
+@_backend_options
+@_fail_cleanly
+def garbage_collection(repository: str, dry_run: bool, grace_period: int,
+                       backend_kind: str | None, force: bool, work_dir: Path | None,
+                       public_root: str | None) -> None:
+    """Remove layers and flat trees that no image of REPOSITORY uses (reachability
+    from .metadata, as DUCC's current garbage collection), then refresh the views."""
+    backend = _backend(backend_kind or "dir", repository, public_root=public_root,
+                       force=force, work_dir=work_dir)
+    report = collect_garbage(backend, dry_run=dry_run, grace_seconds=grace_period)
+    verb = "would remove" if dry_run else "removed"
+    for rel in report.layers + report.flats:
+        click.echo(f"{verb} {rel}")
+    click.echo(f"garbage-collection: {verb} {len(report.layers)} layers and "
+               f"{len(report.flats)} flat trees; {report.kept_in_grace} kept in the grace "
+               "period", err=True)
+
+
+@main.command("check")
+@click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--deep", is_flag=True,
+              help="Also rebuild every layer's original tarball from its tar-split and "
+                   "files and compare it with the diff ID (reads everything).")
+@click.option("--public-root", metavar="PATH",
+              help="Where the stores' links expect the repository, if not at REPOSITORY.")
+def check(repository: Path, deep: bool, public_root: str | None) -> None:
+    """Check REPOSITORY's integrity: images, layers, podman stores, links. Exit
+    status 1 if anything is wrong."""
+    report = check_repository(repository, deep=deep, public_root=public_root,
+                              on_layer=lambda d: log.info("verifying layer %s", d))
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}")
+    for error in report.errors:
+        click.echo(f"error: {error}")
+    verified = (f", {report.verified_layers} layers ({report.verified_bytes / 1e6:.1f} MB) "
+                "verified byte for byte" if deep else "")
+    click.echo(f"check: {report.images} images, {report.layers} layers{verified}: "
+               f"{len(report.errors)} errors, {len(report.warnings)} warnings", err=True)
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command("check-image-syntax")
