@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from isal import igzip  # noqa: E402
+
 from support.images import Blob, Entry, busybox_entries, image, layer  # noqa: E402
 from support.podman import Podman  # noqa: E402
 from support.registry import Registry  # noqa: E402

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from support.images import Image, busybox_layer, image
 from support.podman import Podman
 from support.proxy import FaultyProxy

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from conftest import tree_of
 from support.images import Entry, busybox_entries, image, layer
 from support.registry import free_port

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import LAZYPOD
 from support.ducc import write_ducc_repository
 from support.images import Entry, busybox_entries, image, layer

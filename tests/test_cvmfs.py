@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support.cvmfs import StandinRepo
 from support.images import Entry, busybox_entries, edge_case_layers, image, layer
 from support.podman import snapshot

@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 
 import pytest
+
 from support.cvmfs import StandinRepo
 from support.images import Entry, tar_bytes
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from support.images import Entry, busybox_entries, edge_case_layers, image, layer
 from support.podman import snapshot
 

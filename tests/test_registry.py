@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from support.auth import PASSWORD, USER, TokenService, htpasswd_registry
 from support.images import Entry, busybox_entries, image, index, layer
 from support.registry import Registry

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support.images import edge_case_layers, image
 from support.podman import ROOTLESS_USER, snapshot_in_container
 

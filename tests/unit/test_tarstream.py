@@ -12,11 +12,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support.images import Entry, tar_bytes
 
 from lazypod.errors import LayerError
 from lazypod.tarstream import TarReader
 from lazypod.unpack import DirectorySink, TarSplitWriter, unpack_layer
+from support.images import Entry, tar_bytes
 
 ENTRIES = [
     Entry("./", "dir"),

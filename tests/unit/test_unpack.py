@@ -7,11 +7,11 @@ import os
 import stat
 
 import pytest
-from support.images import Entry, tar_bytes
 
 from lazypod.errors import LayerError, UnsafeLayer
 from lazypod.tarstream import TarReader
 from lazypod.unpack import DirectorySink, unpack_layer
+from support.images import Entry, tar_bytes
 
 
 def unpack(tmp_path, entries, warnings=None):
