@@ -47,16 +47,15 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
-
-from isal import igzip
+from typing import IO, Any
 
 from ..digest import Digest
 from ..errors import BackendError, LazypodError, RepositoryBusy
 from ..layout import FLAT, LAYERS, Layout
 from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
-from ..unpack import OPAQUE_XATTRS, DirectorySink
+from ..unpack import OPAQUE_XATTRS
 from . import TreeSource
+from .staging import LocalLayer
 
 __all__ = ["CvmfsBackend", "CvmfsRun"]
 
@@ -416,34 +415,16 @@ class CvmfsRun:
         self._ingest(FLAT, _flat_members(trees))
 
 
-class CvmfsStagedLayer:
-    """A layer unpacked into the local work directory, waiting for the flush."""
+class CvmfsStagedLayer(LocalLayer):
+    """Unpacked into the local work directory; published by the run's flush."""
 
     def __init__(self, run: CvmfsRun, digest: Digest, local: Path) -> None:
+        super().__init__(digest, local)
         self._run = run
-        self._digest = digest
-        self._local = local
-        (local / "layerfs").mkdir(parents=True, mode=0o755)
-        (local / ".metadata").mkdir(mode=0o755)
-        self.sink = DirectorySink(local / "layerfs", warn=lambda m: log.warning("%s", m))
-        self._tar_split_file = (local / ".metadata" / TAR_SPLIT).open("wb")
-        writer: Any = igzip.GzipFile(  # type: ignore[no-untyped-call]
-            filename="", mode="wb", fileobj=self._tar_split_file, compresslevel=1, mtime=0)
-        self.tar_split = cast(IO[bytes], writer)
 
     def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
-        self.tar_split.close()
-        self._tar_split_file.close()
-        self._run._add_pending(_PendingLayer(self._digest, self._local, record, whiteouts))
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.tar_split.close()
-        with contextlib.suppress(Exception):
-            self._tar_split_file.close()
-        with contextlib.suppress(Exception):
-            self.sink.abandon()
-        shutil.rmtree(self._local, ignore_errors=True)
+        self.finish_writing()
+        self._run._add_pending(_PendingLayer(self.digest, self.path, record, whiteouts))
 
 
 # -- planning a layer's two paths into CVMFS ------------------------------------------------

@@ -19,16 +19,13 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, cast
-
-from isal import igzip
 
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..layout import LOCK, STAGING, Layout
-from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
-from ..unpack import DirectorySink
+from ..repository import WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from . import TreeSource
+from .staging import LocalLayer
 
 __all__ = ["DirectoryBackend", "DirectoryRun"]
 
@@ -254,54 +251,28 @@ def _wrap_io(what: str) -> Iterator[None]:
         raise BackendError(f"cannot write {what}: {exc.strerror or exc}") from None
 
 
-def _gzip_writer(raw: IO[bytes]) -> IO[bytes]:
-    """A gzip writer whose bytes depend on the content only (no name, no time)."""
-    writer: Any = igzip.GzipFile(  # type: ignore[no-untyped-call]
-        filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0
-    )
-    return cast(IO[bytes], writer)
+class DirectoryStagedLayer(LocalLayer):
+    """Unpacked under the run's staging directory, renamed into `.layers/` on commit."""
 
-
-class DirectoryStagedLayer:
     def __init__(self, run: DirectoryRun, digest: Digest, path: Path) -> None:
+        super().__init__(digest, path)
         self._run = run
-        self._digest = digest
-        self._path = path
-        path.mkdir(mode=0o755)
-        (path / "layerfs").mkdir(mode=0o755)
-        (path / ".metadata").mkdir(mode=0o755)
-        for sub in (path, path / "layerfs", path / ".metadata"):
-            os.chmod(sub, 0o755)
-        self.sink = DirectorySink(path / "layerfs", warn=lambda m: log.warning("%s", m))
-        self._tar_split_file = (path / ".metadata" / TAR_SPLIT).open("wb")
-        self.tar_split = _gzip_writer(self._tar_split_file)
 
     def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
-        self.tar_split.close()
-        self._tar_split_file.close()
-        meta = self._path / ".metadata"
-        with _wrap_io(f"layer {self._digest}"):
-            os.chmod(meta / TAR_SPLIT, 0o644)
+        self.finish_writing()
+        meta = self.path / ".metadata"
+        with _wrap_io(f"layer {self.digest}"):
             (meta / WHITEOUTS).write_bytes(whiteouts.to_json())
             (meta / "layers.json").write_bytes(layer_record_json(record))
             for name in (WHITEOUTS, "layers.json"):
                 os.chmod(meta / name, 0o644)
-            final = self._run.layout.layer_dir(self._digest)
+            final = self._run.layout.layer_dir(self.digest)
             _make_parents(self._run.layout.root, final.parent)
             if final.exists():
                 # An earlier, incomplete copy (no layers.json): replace it whole.
                 old = self._run._temp("old-layer")
                 os.rename(final, old)
-                os.rename(self._path, final)
+                os.rename(self.path, final)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.rename(self._path, final)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.tar_split.close()
-        with contextlib.suppress(Exception):
-            self._tar_split_file.close()
-        with contextlib.suppress(Exception):
-            self.sink.abandon()
-        shutil.rmtree(self._path, ignore_errors=True)
+                os.rename(self.path, final)
