@@ -6,17 +6,6 @@ import sys
 import threading
 from typing import Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 __all__ = [
     "CountingReader",
     "NullProgress",
@@ -49,6 +38,17 @@ class NullProgress:
 
 class TerminalProgress:
     def __init__(self) -> None:
+        # Imported here: rich costs a tenth of the start-up, and only terminals need it.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -66,11 +66,11 @@ class TerminalProgress:
             return int(self._progress.add_task(label, total=total))
 
     def advance(self, task: int, amount: int) -> None:
-        self._progress.advance(TaskID(task), amount)
+        self._progress.advance(task, amount)  # type: ignore[arg-type]
 
     def finish(self, task: int) -> None:
         with self._lock:
-            self._progress.remove_task(TaskID(task))
+            self._progress.remove_task(task)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._progress.stop()
