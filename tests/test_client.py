@@ -162,3 +162,23 @@ def test_pull_through_the_layer_store(registry, lazypod, podman_factory, repo):
         assert sorted(blobs) == sorted([y.config_digest, *(b.digest for b in y.layers)])
     out = podman.text("run", "--rm", "--network=none", name, "/bin/cat", "/y")
     assert out == "y only"
+
+
+@pytest.mark.rootless
+def test_rootless_pull_through_the_layer_store_runs(
+    registry, lazypod, podman_factory, user_dir
+):
+    repo = user_dir / "repo"  # reachable by the user (pytest's tmp is not)
+    name, y = lazy_pull_setup(registry, lazypod, repo, "rootless-als")
+    lazypod.convert(name, repo)
+    printed = lazypod("podman-config", "--rootless", "--storage-opts", str(repo)).stdout.split()
+    opts = [o for o in printed[1::2] if "imagestore" not in o]  # the layer store alone
+    podman = podman_factory("rootless-als", user=ROOTLESS_USER, storage_opts=opts)
+
+    mark = registry.mark()
+    podman("pull", "--tls-verify=false", name)
+    if podman_major() < 5:
+        assert registry.blob_gets(since=mark) == [y.config_digest]
+    out = podman.text("run", "--rm", "--network=none", name, "/bin/busybox", "sh", "-c",
+                      "cat /y && echo written > /etc/new-file && cat /etc/new-file")
+    assert out == "y onlywritten\n"

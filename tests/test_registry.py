@@ -144,3 +144,26 @@ def test_digest_pinned_reference_is_verified(registry, lazypod, repo):
     wrong = f"{registry.host}/test/pinned@sha256:{'0' * 64}"
     proc = lazypod.convert(wrong, repo, check=False)
     assert proc.returncode == 1 and "not found" in proc.stderr
+
+
+def test_foreign_layers_are_skipped_as_ducc_does(registry, lazypod, repo):
+    base = layer(busybox_entries())
+    foreign = layer([Entry("windows-base", data=b"never fetched")])
+    foreign.media_type = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    img = image([foreign, base], docker=True, label="foreign")
+    manifest = json.loads(img.manifest)
+    manifest["layers"][0]["urls"] = ["https://example.invalid/blob"]
+    img.manifest = json.dumps(manifest).encode()
+    with httpx.Client(base_url=f"http://{registry.host}") as client:
+        for blob in (img.config, base):
+            Registry.push_blob(client, "test/foreign", blob.data, blob.digest)
+        Registry.push_manifest(client, "test/foreign", "1", img.manifest,
+                               "application/vnd.docker.distribution.manifest.v2+json")
+    name = f"{registry.host}/test/foreign:1"
+
+    mark = registry.mark()
+    proc = lazypod.convert(name, repo)
+    assert foreign.digest not in registry.blob_gets(since=mark)
+    assert "skipping foreign layer" in proc.stderr
+    assert (repo / ".layers" / base.digest[7:9] / base.digest[7:] / "layerfs/bin/busybox").exists()
+    assert "foreign (non-distributable) layers" in proc.stderr  # no podman store entry

@@ -52,6 +52,8 @@ class Registry:
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.host}\n"
             "log:\n  level: info\n  accesslog:\n    disabled: false\n"
+            # Foreign layers name where they live; let manifests carry such URLs.
+            "validation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\n"
             + (f"auth:\n{auth}" if auth else "")
         )
         self._log = self.log_path.open("ab")
