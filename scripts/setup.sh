@@ -48,8 +48,11 @@ fi
 
 if [ "$(id -u)" -eq 0 ]; then
     # The rootless tests run podman as this user, with subordinate ids of its own.
+    # Not uid 1000: the test images own files as 1000, which this user would then own.
     if ! id lazypod-test >/dev/null 2>&1; then
-        useradd -m -s /bin/sh lazypod-test
+        useradd -m -s /bin/sh -K UID_MIN=20000 -K GID_MIN=20000 lazypod-test
+    elif [ "$(id -u lazypod-test)" = 1000 ]; then
+        usermod -u 20000 lazypod-test && groupmod -g 20000 lazypod-test
     fi
     for f in /etc/subuid /etc/subgid; do
         grep -q '^lazypod-test:' "$f" 2>/dev/null || echo "lazypod-test:300000:65536" >> "$f"

@@ -18,6 +18,7 @@ from conftest import LAZYPOD
 from support.ducc import write_ducc_repository
 from support.images import Entry, busybox_entries, image, layer
 from support.podman import ROOTLESS_USER, snapshot, snapshot_in_container
+from support.users import user_lazypod
 
 pytestmark = [pytest.mark.podman, pytest.mark.registry]
 
@@ -67,8 +68,9 @@ def test_views_for_a_read_only_ducc_repository(registry, podman_factory, user_di
 
         # Built by a user who cannot write to the repository; the config comes from
         # the registry, AUFS whiteouts are detected.
+        command = user_lazypod(LAZYPOD, user_dir / "lazypod")
         proc = subprocess.run(
-            ["runuser", "-u", ROOTLESS_USER, "--", "env", f"HOME={user_dir}", LAZYPOD,
+            ["runuser", "-u", ROOTLESS_USER, "--", "env", f"HOME={user_dir}", *command,
              "views", str(repo), "--into", str(into), "--insecure-registry", registry.host,
              "--rootless", "--storage-opts"],
             capture_output=True, text=True, check=False)

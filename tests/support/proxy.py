@@ -81,13 +81,16 @@ class FaultyProxy:
                     self.close_connection = True
                     return
                 delay = faults.slow.get(digest)
-                if delay:
-                    for i in range(0, len(body), 1 << 16):
-                        self.wfile.write(body[i:i + (1 << 16)])
-                        self.wfile.flush()
-                        time.sleep(delay)
-                else:
-                    self.wfile.write(body)
+                try:
+                    if delay:
+                        for i in range(0, len(body), 1 << 16):
+                            self.wfile.write(body[i:i + (1 << 16)])
+                            self.wfile.flush()
+                            time.sleep(delay)
+                    else:
+                        self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went away (killed on purpose)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
