@@ -8,6 +8,7 @@ Exit status: 0 done, 1 something failed (one line on stderr says what to do),
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -54,6 +55,12 @@ def _fail_cleanly(func: F) -> F:
             return func(*args, **kwargs)
         except LazypodError as exc:
             click.echo(f"lazypod: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # the last boundary: the system refused something
+            where = f": {exc.filename}" if exc.filename else ""
+            hint = " (free space and rerun)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else ""
+            click.echo(f"lazypod: error: {exc.strerror or exc}{where}{hint}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("lazypod: interrupted; the repository is as before this run "
