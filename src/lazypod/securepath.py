@@ -24,6 +24,9 @@ from .errors import LayerError, UnsafeLayer
 __all__ = ["LayerDir", "SafePath", "clean_member_name", "display"]
 
 SafePath = tuple[bytes, ...]
+# Deeper trees than any real image has; it keeps every later walk of the layer (flat
+# trees, removal) far from Python's recursion limit.
+MAX_DEPTH = 256
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -44,6 +47,10 @@ def clean_member_name(unsafe_name: bytes) -> SafePath:
             f"layer member {display(unsafe_name)!r} has an absolute name: refusing the layer"
         )
     parts = tuple(p for p in unsafe_name.split(b"/") if p and p != b".")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeLayer(f"layer member {display(unsafe_name)[:80]!r}... is nested "
+                          f"{len(parts)} directories deep (at most {MAX_DEPTH}): refusing "
+                          "the layer")
     if b".." in parts:
         raise UnsafeLayer(
             f"layer member {display(unsafe_name)!r} climbs out with '..': refusing the layer"
@@ -90,24 +97,32 @@ class LayerDir:
         return self.directory(path[:-1], create=create), path[-1]
 
     def directory(self, path: SafePath, *, create: bool = True) -> int:
-        """An O_PATH descriptor of directory `path` inside the layer (cached; do not close)."""
-        if not path:
-            return self.fd
-        cached = self._cache.get(path)
-        if cached is not None:
-            self._cache.move_to_end(path)
-            return cached
-        parent = self.directory(path[:-1], create=create)
+        """An O_PATH descriptor of directory `path` inside the layer.
+
+        Descriptors are cached and stay open until the next `trim()`, so a caller may
+        hold several (a hardlink's two parents) while it works."""
+        depth = len(path)
+        while depth and path[:depth] not in self._cache:
+            depth -= 1
+        fd = self._cache[path[:depth]] if depth else self.fd
+        if depth:
+            self._cache.move_to_end(path[:depth])
+        for end in range(depth + 1, len(path) + 1):
+            fd = self._open_child(fd, path[:end], create)
+            self._cache[path[:end]] = fd
+        return fd
+
+    def _open_child(self, parent: int, path: SafePath, create: bool) -> int:
         name = path[-1]
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             if not create:
                 raise
             os.mkdir(name, self._create_mode, dir_fd=parent)
             if self._is_root:
                 os.chown(name, 0, 0, dir_fd=parent, follow_symlinks=False)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -119,11 +134,12 @@ class LayerDir:
             raise LayerError(
                 f"layer needs a directory at {display(path)!r}, where it has a file"
             ) from None
-        self._cache[path] = fd
-        if len(self._cache) > 128:
+
+    def trim(self, keep: int = 128) -> None:
+        """Close the least recently used descriptors beyond `keep` (between members)."""
+        while len(self._cache) > keep:
             _, old = self._cache.popitem(last=False)
             os.close(old)
-        return fd
 
     def open_dir(self, path: SafePath) -> int:
         """A readable descriptor (for fchown, fsetxattr, utime) of an existing directory."""

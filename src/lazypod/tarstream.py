@@ -27,6 +27,7 @@ from .errors import LayerError
 __all__ = ["MemberType", "TarMember", "TarReader"]
 
 BLOCK = 512
+MAX_EXTENDED_HEADER = 1 << 20
 
 
 class MemberType:
@@ -178,6 +179,9 @@ class TarReader:
             typeflag = block[156:157]
             size = _number(block[124:136], "size")
             if typeflag in (b"x", b"g", b"L", b"K"):
+                if size > MAX_EXTENDED_HEADER:  # as Go's archive/tar: no memory bombs
+                    raise LayerError(f"layer tarball has an extended header of {size} bytes "
+                                     f"(at most {MAX_EXTENDED_HEADER} are allowed)")
                 data = self._take(size, "an extended header")
                 raw += data
                 pad = -size % BLOCK

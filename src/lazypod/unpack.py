@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -253,10 +253,31 @@ def _dispatch(
             sink.hardlink(path, target, meta)
         kind = target_kind
     elif kind in (MemberType.CHAR, MemberType.BLOCK):
+        meta = _tame_device(member, meta, warn)
         sink.device(path, meta, kind, member.devmajor, member.devminor)
     elif kind == MemberType.FIFO:
         sink.fifo(path, meta)
     judge.record(path, kind)
+
+
+# Character devices any container may have (null, zero, full, random, urandom, tty,
+# console, ptmx): they give nothing away on the host.
+_HARMLESS_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2)})
+
+
+def _tame_device(member: TarMember, meta: Meta, warn: Callable[[str], None]) -> Meta:
+    """A repository is readable by every user of the machine: a device node from an
+    image (a disk, say) must not open the host's device to them. Other devices than
+    the harmless ones are kept, but root's alone."""
+    harmless = member.type == MemberType.CHAR and (member.devmajor, member.devminor) in \
+        _HARMLESS_DEVICES
+    if harmless or (meta.uid == meta.gid == 0 and not meta.mode & 0o077):
+        return meta
+    kind = "c" if member.type == MemberType.CHAR else "b"
+    warn(f"device {display(member.unsafe_name)!r} ({kind} {member.devmajor}:"
+         f"{member.devminor}, mode {meta.mode:o}, owner {meta.uid}:{meta.gid}) kept as "
+         "root's with mode 0600: the repository must not open host devices to its readers")
+    return replace(meta, uid=0, gid=0, mode=meta.mode & 0o7700 & ~0o100)
 
 
 def _allowed_xattrs(member: TarMember, warn: Callable[[str], None]) -> dict[str, bytes]:
@@ -296,6 +317,7 @@ class DirectorySink:
     # -- operations ----------------------------------------------------------
 
     def directory(self, path: SafePath, meta: Meta) -> None:
+        self._dir.trim()
         parent, name = self._dir.parent(path)
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -306,6 +328,7 @@ class DirectorySink:
         self._deferred[path] = meta  # mtimes and modes are set once all children exist
 
     def file(self, path: SafePath, meta: Meta, chunks: Iterable[memoryview]) -> None:
+        self._dir.trim()
         parent, name = self._dir.parent(path)
         try:
             fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
@@ -322,6 +345,7 @@ class DirectorySink:
             os.close(fd)
 
     def symlink(self, path: SafePath, meta: Meta, target: bytes) -> None:
+        self._dir.trim()
         parent, name = self._dir.parent(path)
         try:
             os.symlink(target, name, dir_fd=parent)
@@ -331,6 +355,7 @@ class DirectorySink:
         self._set_meta_at(parent, name, meta, path, chmod=False)
 
     def hardlink(self, path: SafePath, target: SafePath, meta: Meta) -> None:
+        self._dir.trim()
         target_parent, target_name = self._dir.parent(target, create=False)
         parent, name = self._dir.parent(path)
         try:
@@ -358,6 +383,7 @@ class DirectorySink:
         self._mknod(path, meta, stat.S_IFIFO | meta.mode, 0)
 
     def whiteout(self, path: SafePath, meta: Meta) -> None:
+        self._dir.trim()
         parent, name = self._dir.parent(path)
         self._remove_if_present(path, parent, name)
         os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
@@ -365,11 +391,13 @@ class DirectorySink:
             os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
 
     def opaque(self, path: SafePath) -> None:
+        self._dir.trim()
         self._dir.directory(path)
         self._opaque.add(path)
 
     def finish(self) -> None:
         for path in self._deferred.keys() | self._opaque:
+            self._dir.trim()
             fd = self._dir.open_dir(path)
             try:
                 if path in self._opaque:
@@ -391,6 +419,7 @@ class DirectorySink:
     # -- helpers -------------------------------------------------------------
 
     def _mknod(self, path: SafePath, meta: Meta, mode: int, device: int) -> None:
+        self._dir.trim()
         parent, name = self._dir.parent(path)
         self._remove_if_present(path, parent, name)
         try:

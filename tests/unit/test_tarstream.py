@@ -103,3 +103,13 @@ def test_sparse_files_are_refused():
         tar.addfile(info)
     with pytest.raises(LayerError, match="sparse"):
         list(TarReader(io.BytesIO(buf.getvalue())))
+
+
+def test_oversized_extended_headers_are_refused():
+    info = tarfile.TarInfo("f")
+    info.pax_headers = {"comment": "x" * (2 << 20)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    with pytest.raises(LayerError, match="extended header"):
+        list(TarReader(io.BytesIO(buf.getvalue())))

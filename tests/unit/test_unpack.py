@@ -110,3 +110,28 @@ def test_hostile_members_are_refused(tmp_path, entries, fragment):
 def test_a_non_directory_root_member_is_refused(tmp_path):
     with pytest.raises(LayerError, match="names the layer root"):
         unpack(tmp_path, [Entry("./", data=b"x")])
+
+
+def test_device_nodes_do_not_open_host_devices_to_readers(tmp_path):
+    warnings: list[str] = []
+    root, _ = unpack(tmp_path, [
+        Entry("dev/", "dir"),
+        Entry("dev/null", "char", mode=0o666, major=1, minor=3),
+        Entry("dev/sda", "block", mode=0o660, uid=0, gid=6, major=8, minor=0),
+        Entry("dev/mem", "char", mode=0o600, uid=1000, gid=1000, major=1, minor=1),
+    ], warnings)
+    null, sda, mem = (os.lstat(root / "dev" / n) for n in ("null", "sda", "mem"))
+    assert stat.S_IMODE(null.st_mode) == 0o666
+    assert (stat.S_IMODE(sda.st_mode), sda.st_uid, sda.st_gid) == (0o600, 0, 0)
+    assert (stat.S_IMODE(mem.st_mode), mem.st_uid) == (0o600, 0)
+    assert sda.st_rdev == os.makedev(8, 0)
+    assert len([w for w in warnings if "device" in w]) == 2
+
+
+def test_deep_paths_are_fine_absurd_ones_refused(tmp_path):
+    deep = "/".join(["d"] * 255)
+    root, _ = unpack(tmp_path, [Entry(f"{deep}/file", data=b"deep")])
+    assert (root / deep / "file").read_bytes() == b"deep"
+    (tmp_path / "2").mkdir()
+    with pytest.raises(UnsafeLayer, match="257 directories deep"):
+        unpack(tmp_path / "2", [Entry("/".join(["d"] * 257), data=b"x")])
