@@ -167,3 +167,28 @@ def test_foreign_layers_are_skipped_as_ducc_does(registry, lazypod, repo):
     assert "skipping foreign layer" in proc.stderr
     assert (repo / ".layers" / base.digest[7:9] / base.digest[7:] / "layerfs/bin/busybox").exists()
     assert "foreign (non-distributable) layers" in proc.stderr  # no podman store entry
+
+
+def test_credential_helpers_are_asked(token_registry, private_image, lazypod, repo, tmp_path):
+    """auth.json's credHelpers, as podman reads them: `docker-credential-<name> get`."""
+    helper_dir = tmp_path / "helpers"
+    helper_dir.mkdir()
+    asked = tmp_path / "asked"
+    helper = helper_dir / "docker-credential-lazytest"
+    helper.write_text("#!/bin/sh\n"
+                      f"cat > {asked}\n"
+                      f'printf \'{{"ServerURL":"x","Username":"{USER}","Secret":"{PASSWORD}"}}\'\n')
+    helper.chmod(0o755)
+    lazypod.env["PATH"] = f"{helper_dir}:{lazypod.env['PATH']}"
+    Path(lazypod.env["REGISTRY_AUTH_FILE"]).write_text(
+        json.dumps({"credHelpers": {token_registry.host: "lazytest"}}))
+
+    lazypod.convert(f"{token_registry.host}/{private_image}", repo)
+    assert asked.read_text() == token_registry.host
+
+    Path(lazypod.env["REGISTRY_AUTH_FILE"]).write_text(
+        json.dumps({"credHelpers": {token_registry.host: "missing"}}))
+    proc = lazypod.convert(f"{token_registry.host}/{private_image}", tmp_path / "r2",
+                           check=False)
+    assert proc.returncode == 1
+    assert "docker-credential-missing, which is not installed" in proc.stderr

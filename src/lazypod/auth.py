@@ -1,6 +1,7 @@
 """Registry credentials, read from the files podman and docker write.
 
-Lookup order (first file that has an entry for the registry wins), as podman does:
+Lookup order (first file that has an entry for the registry wins), as podman does
+(`credHelpers` and docker's `credsStore` run `docker-credential-<helper> get`):
 `$REGISTRY_AUTH_FILE`, `${XDG_RUNTIME_DIR}/containers/auth.json`,
 `~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a
 registry (`quay.io`), a registry with a namespace (`quay.io/org`, most specific
@@ -14,9 +15,12 @@ import base64
 import binascii
 import json
 import os
+import shutil
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import AuthenticationFailed
 
@@ -56,17 +60,58 @@ def find_credentials(
 ) -> Credentials | None:
     """Credentials for `registry/repository`, or None for anonymous access."""
     for path in auth_files() if files is None else files:
-        auths = _read_auths(path)
-        if auths is None:
+        data = _read_json(path)
+        if data is None:
             continue
+        helpers = _mapping(data, "credHelpers")
+        helper_registry = "docker.io" if registry in _HUB else registry
+        if helper_registry in helpers:
+            return _from_helper(str(helpers[helper_registry]), helper_registry, path)
+        auths = _mapping(data, "auths")
         best = _best_entry(auths, registry, repository)
         if best is not None:
             key, entry = best
             return _decode(entry, f"{path} [{key}]")
+        if isinstance(data.get("credsStore"), str):
+            found = _from_helper(data["credsStore"], helper_registry, path, missing_ok=True)
+            if found is not None:
+                return found
     return None
 
 
-def _read_auths(path: Path) -> dict[str, dict[str, str]] | None:
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+_HUB = ("docker.io", "registry.hub.docker.com", "index.docker.io", "registry-1.docker.io")
+
+
+def _from_helper(helper: str, registry: str, source: Path, *,
+                 missing_ok: bool = False) -> Credentials | None:
+    """Ask a docker credential helper (`docker-credential-<helper> get`), as podman does."""
+    program = f"docker-credential-{helper}"
+    if shutil.which(program) is None:
+        raise AuthenticationFailed(f"{source} names the credential helper {program}, which is "
+                                   "not installed")
+    server = "https://index.docker.io/v1/" if registry == "docker.io" else registry
+    proc = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+                          timeout=60, check=False)
+    if proc.returncode != 0:
+        if missing_ok or b"credentials not found" in proc.stdout + proc.stderr:
+            return None
+        raise AuthenticationFailed(f"credential helper {program} failed for {registry} "
+                                   f"(exit {proc.returncode})")
+    try:
+        answer = json.loads(proc.stdout)
+        return Credentials(str(answer["Username"]), str(answer["Secret"]),
+                           f"{program} ({source})")
+    except (ValueError, KeyError, TypeError):
+        raise AuthenticationFailed(f"credential helper {program} gave an answer lazypod "
+                                   "cannot read") from None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -79,8 +124,7 @@ def _read_auths(path: Path) -> dict[str, dict[str, str]] | None:
         raise AuthenticationFailed(
             f"credentials file {path} is not valid JSON: fix or remove it"
         ) from None
-    auths = data.get("auths") if isinstance(data, dict) else None
-    return auths if isinstance(auths, dict) else {}
+    return data if isinstance(data, dict) else {}
 
 
 def _normalise_key(key: str) -> str:
