@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -146,3 +148,23 @@ def test_flat_tree_equals_the_container_tree(registry, lazypod, podman_factory, 
     assert flat_tree == expected
     hl_a, hl_b = (os.stat(flat / f"usr/local/bin/hl-{x}") for x in "ab")
     assert hl_a.st_ino == hl_b.st_ino
+
+
+def test_podman_save_rebuilds_the_original_layers_byte_for_byte(
+    registry, lazypod, podman_factory, repo, tmp_path
+):
+    img = image(edge_case_layers(), label="save")
+    name = registry.push("test/edge", "save", img)
+    lazypod.convert(name, repo)
+    podman = podman_factory(storage_opts=store_opts(repo))
+
+    saved = tmp_path / "saved"  # OCI: takes zstd layers too (docker-archive does not)
+    podman("save", "--format", "oci-dir", "-o", str(saved), name)
+
+    blobs = saved / "blobs/sha256"
+    index = json.loads((saved / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    tars = [(blobs / layer["digest"][7:]).read_bytes() for layer in manifest["layers"]]
+    tars = [gzip.decompress(t) if t[:2] == b"\x1f\x8b" else t for t in tars]
+    assert ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars] == \
+        [blob.diff_id for blob in img.layers]
