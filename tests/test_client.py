@@ -75,7 +75,7 @@ def test_views_for_a_read_only_ducc_repository(registry, podman_factory, user_di
              "--rootless", "--storage-opts"],
             capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
-        assert "1 fetched" in proc.stderr and "(1 have them)" in proc.stderr
+        assert "1 fetched" in proc.stderr and "(found: fuse-overlayfs needed)" in proc.stderr
         assert "1 from layer records, 2 from configs, 0 computed" in proc.stderr
         opts = proc.stdout.split()[1::2]
         assert "overlay.mount_program=/usr/bin/fuse-overlayfs" in opts

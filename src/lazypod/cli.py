@@ -413,7 +413,8 @@ def views(repository: Path, into: Path, offline: bool, no_layer_store: bool,
                f"{report.configs_fetched} fetched; diff IDs: {report.diff_ids_from_records} "
                f"from layer records, {report.diff_ids_from_configs} from configs, 0 computed; "
                f"{report.layers_scanned} layers scanned for AUFS whiteouts "
-               f"({len(report.aufs_layers)} have them); {report.files_read} metadata files "
+               f"({'found: fuse-overlayfs needed' if report.aufs_layers else 'none'}); "
+               f"{report.files_read} metadata files "
                f"read; {report.seconds:.2f}s", err=True)
     out = into.absolute()
     config = PodmanConfig(f"{out}/store", None if no_layer_store else f"{out}/layers",

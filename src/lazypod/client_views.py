@@ -13,7 +13,7 @@ What a DUCC-written repository may lack, and where it comes from here:
   original tar bytes are gone), so nothing is hashed; the size is left unknown;
 * overlay whiteouts: DUCC ingested layers as tarballs, so they hold AUFS `.wh.`
   files, which kernel overlayfs ignores. Layers without lazypod's `whiteouts.json`
-  are scanned once for `.wh.` names (the answer is cached); if any has them, the
+  are scanned for `.wh.` names until one has them (answers are cached); then the
   views must be used with fuse-overlayfs as podman's mount program, which honours
   AUFS whiteouts as they are: nothing is copied, no layer is added, and layer IDs
   stay those podman computes, so lazy pulls keep working.
@@ -178,25 +178,26 @@ def _complete_layer_records(state: RepositoryState, report: ClientViewsReport) -
 
 
 def _scan_for_aufs(state: RepositoryState, writer: DirectoryRun, report: ClientViewsReport) -> None:
-    """Which layers hold AUFS `.wh.` files (lazypod's own never do: whiteouts.json)."""
+    """Does any layer hold AUFS `.wh.` files? (lazypod's own never do: they have a
+    whiteouts.json.) One such layer decides the configuration, so the scan stops at the
+    first; answers are cached, and the layers known to have them are checked first."""
     cache_path = writer.layout.root / _AUFS_CACHE
     try:
         cache: dict[str, bool] = json.loads(cache_path.read_bytes())
     except (OSError, ValueError):
         cache = {}
+    candidates = [digest for digest, record in state.layers.items() if record.complete
+                  and LayerWhiteouts.read(state.layout.layer_dir(digest)) is None]
+    candidates.sort(key=lambda d: not cache.get(d.hex, False))
     changed = False
-    for digest, record in state.layers.items():
-        if not record.complete:
-            continue
-        layer_dir = state.layout.layer_dir(digest)
-        if LayerWhiteouts.read(layer_dir) is not None:
-            continue
+    for digest in candidates:
         if digest.hex not in cache:
             cache[digest.hex] = _has_aufs_whiteouts(state.layout.layerfs(digest))
             report.layers_scanned += 1
             changed = True
         if cache[digest.hex]:
             report.aufs_layers.append(digest.hex)
+            break
     if changed:
         writer.write_file(_AUFS_CACHE, json.dumps(cache, indent=1).encode())
 
