@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from .errors import IntegrityError, InvalidReference
 
-__all__ = ["Digest", "Readable", "VerifyingReader", "sha256_of"]
+__all__ = ["Digest", "Readable", "VerifyingReader"]
 
 
 class Readable(Protocol):
@@ -55,10 +55,6 @@ class Digest:
     @property
     def short(self) -> str:
         return self.hex[:12]
-
-
-def sha256_of(data: bytes) -> Digest:
-    return Digest.of(data, "sha256")
 
 
 class VerifyingReader:

@@ -58,11 +58,3 @@ class Layout:
 
     def flat_dir(self, config: Digest) -> Path:
         return self.root / self.flat_rel(config)
-
-    @property
-    def podman_store(self) -> Path:
-        return self.root / PODMAN_STORE
-
-    @property
-    def podman_layers(self) -> Path:
-        return self.root / PODMAN_LAYERS

@@ -59,10 +59,6 @@ class ImageReference:
         return _HUB_API if self.registry in _HUB_ALIASES else self.registry
 
     @property
-    def is_docker_hub(self) -> bool:
-        return self.registry in _HUB_ALIASES
-
-    @property
     def has_wildcard(self) -> bool:
         return self.tag is not None and "*" in self.tag
 
