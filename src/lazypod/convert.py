@@ -16,12 +16,12 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .backend import Backend, PublishRun, StagedLayer
 from .compression import MeasuringReader, open_decompressed
 from .digest import Digest
 from .errors import IntegrityError, LazypodError, RegistryUnreachable
+from .fsutil import read_or_none
 from .layout import METADATA
 from .manifest import Descriptor, Platform
 from .progress import CountingReader, NullProgress, ProgressReporter
@@ -112,7 +112,7 @@ class Converter:
         try:
             config_path = run.layout.image_dir(ref.public_name) / "config.json"
             image = self._registry.resolve(
-                ref, self._options.platform, lambda _digest: _read_or_none(config_path)
+                ref, self._options.platform, lambda _digest: read_or_none(config_path)
             )
             result.manifest_digest = image.manifest.digest
             result.layers = len(image.manifest.layers)
@@ -228,7 +228,7 @@ class Converter:
                   "index.json": image.index.raw if image.index else None,
                   "manifest.json": image.manifest.raw}
         for name, data in wanted.items():
-            current = _read_or_none(run.layout.root / base / name)
+            current = read_or_none(run.layout.root / base / name)
             if data is None and current is not None:
                 run.remove(f"{base}/{name}")
             elif data is not None and current != data:
@@ -242,13 +242,6 @@ def expand_wildcards(registry: RegistryClient, ref: ImageReference) -> list[Imag
     assert ref.tag is not None
     tags = sorted(t for t in registry.list_tags(ref) if fnmatch.fnmatchcase(t, ref.tag))
     return [ref.with_tag(tag) for tag in tags]
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 def _rfc3339_now() -> str:

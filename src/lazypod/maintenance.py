@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .backend import Backend
 from .errors import LazypodError
+from .fsutil import listdir
 from .layout import FLAT, METADATA
 from .reference import ImageReference
 from .repository import RepositoryState
@@ -99,18 +100,10 @@ def _mtime(path: os.PathLike[str]) -> float:
 def _flat_dirs(root: os.PathLike[str]) -> list[str]:
     found = []
     base = os.path.join(root, FLAT)
-    for prefix in _listdir(base):
+    for prefix in listdir(base):
         if len(prefix) != 2:
             continue
-        for name in _listdir(os.path.join(base, prefix)):
+        for name in listdir(os.path.join(base, prefix)):
             if len(name) == 64:
                 found.append(f"{FLAT}/{prefix}/{name}")
     return found
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
-

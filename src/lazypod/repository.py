@@ -18,6 +18,7 @@ from typing import Any
 
 from .digest import Digest
 from .errors import LazypodError
+from .fsutil import listdir
 from .layout import LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
 from .reference import ImageReference, parse_reference
@@ -155,10 +156,10 @@ def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
 
 
 def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
-    for prefix in _listdir(layers_root):
+    for prefix in listdir(layers_root):
         if len(prefix) != 2:
             continue
-        for name in _listdir(layers_root / prefix):
+        for name in listdir(layers_root / prefix):
             if len(name) != 64 or not name.startswith(prefix):
                 continue
             digest = Digest("sha256", name)
@@ -168,13 +169,6 @@ def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
                 log.warning("layer %s: unreadable layers.json (%s); treating it as missing",
                             name[:12], exc)
                 yield digest, LayerRecord(digest, complete=False)
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
@@ -238,4 +232,3 @@ def _reference_for(rel: str, manifest_digest: Digest) -> ImageReference:
         # DUCC names a digest-only image by its repository alone.
         return parse_reference(f"{rel}@{manifest_digest}")
     return parse_reference(rel)
-

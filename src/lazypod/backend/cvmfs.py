@@ -31,7 +31,6 @@ before stays, incomplete layers lack `layers.json`, and the next run redoes them
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import logging
@@ -51,6 +50,7 @@ from typing import IO, Any
 
 from ..digest import Digest
 from ..errors import BackendError, LazypodError, RepositoryBusy
+from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERS, Layout
 from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from ..unpack import OPAQUE_XATTRS
@@ -366,9 +366,9 @@ class CvmfsRun:
                 return  # already so: no transaction for it
 
         def action() -> None:
-            _make_parents(path.parent)
+            make_dirs(path.parent)
             if path.is_symlink() or path.exists():
-                _remove(path)
+                remove_tree(path)
             os.symlink(target, path)
 
         self._write(action)
@@ -376,9 +376,9 @@ class CvmfsRun:
     def replace_dir(self, rel: str, fill: Callable[[Path], None]) -> None:
         def action() -> None:
             path = self._path(rel)
-            _make_parents(path.parent)
+            make_dirs(path.parent)
             if path.exists() or path.is_symlink():
-                _remove(path)
+                remove_tree(path)
             _mkdir(path, 0o755)
             fill(path)
 
@@ -388,14 +388,14 @@ class CvmfsRun:
         def action() -> None:
             path = self._path(rel)
             if path.exists() or path.is_symlink():
-                _remove(path)
+                remove_tree(path)
 
         if self._flushed or self._path(rel).exists() or self._path(rel).is_symlink():
             self._write(action)
 
     def make_dir(self, rel: str) -> None:
         if not self._path(rel).is_dir():
-            self._write(lambda: _make_parents(self._path(rel)))
+            self._write(lambda: make_dirs(self._path(rel)))
 
     def touch_lock(self, rel: str, token: bytes) -> None:
         self._write(lambda: _write_bytes(self._path(rel), token, 0o644))
@@ -642,25 +642,16 @@ def _mkdir(path: Path, mode: int) -> None:
         path.chmod(mode)
 
 
-def _make_parents(path: Path) -> None:
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        _mkdir(directory, 0o755)
-
-
 def _touch(path: Path) -> None:
     if not path.exists():
         _write_bytes(path, b"")
 
 
 def _write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    _make_parents(path.parent)
+    make_dirs(path.parent)
     with contextlib.suppress(FileNotFoundError):
         if path.is_symlink() or path.is_dir():
-            _remove(path)
+            remove_tree(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
@@ -669,14 +660,3 @@ def _write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        try:
-            path.unlink()
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
+from ..fsutil import make_dirs
 from ..layout import LOCK, STAGING, Layout
 from ..repository import WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from . import TreeSource
@@ -121,7 +122,7 @@ class DirectoryRun:
 
     def _final(self, rel: str) -> Path:
         path = self.layout.root / rel
-        _make_parents(self.layout.root, path.parent)
+        make_dirs(path.parent, stop=self.layout.root)
         return path
 
     # -- layers --------------------------------------------------------------
@@ -197,7 +198,7 @@ class DirectoryRun:
 
     def make_dir(self, rel: str) -> None:
         with _wrap_io(rel):
-            _make_parents(self.layout.root, self.layout.root / rel)
+            make_dirs(self.layout.root / rel, stop=self.layout.root)
 
     @contextlib.contextmanager
     def lock_files(self, rels: list[str]) -> Iterator[None]:
@@ -224,20 +225,6 @@ class DirectoryRun:
 
     def commit(self) -> None:
         self.publishes += 1
-
-
-def _make_parents(root: Path, directory: Path) -> None:
-    """mkdir -p with world-readable modes whatever the umask."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        if directory == root:
-            break
-        directory = directory.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o755)
-            os.chmod(path, 0o755)
 
 
 @contextlib.contextmanager
@@ -267,7 +254,7 @@ class DirectoryStagedLayer(LocalLayer):
             for name in (WHITEOUTS, "layers.json"):
                 os.chmod(meta / name, 0o644)
             final = self._run.layout.layer_dir(self.digest)
-            _make_parents(self._run.layout.root, final.parent)
+            make_dirs(final.parent, stop=self._run.layout.root)
             if final.exists():
                 # An earlier, incomplete copy (no layers.json): replace it whole.
                 old = self._run._temp("old-layer")

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..backend import TreeWriter
 from ..digest import Digest
+from ..fsutil import listdir
 from ..layout import PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
 from ..repository import LayerRecord, RepositoryState
@@ -103,15 +104,8 @@ def render_layer_store(
         added += 1
     removed = 0
     wanted_names = {f"sha256:{d.hex}" for d in wanted}
-    for name in _listdir(root):
+    for name in listdir(root):
         if name.startswith("sha256:") and name not in wanted_names:
             writer.remove(f"{prefix}/{name}")
             removed += 1
     return LayerStoreReport(len(wanted), added, removed)
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []

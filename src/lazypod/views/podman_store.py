@@ -29,6 +29,7 @@ from typing import Any
 
 from ..backend import TreeWriter
 from ..digest import Digest
+from ..fsutil import listdir, read_or_none
 from ..layout import PODMAN_STORE
 from ..manifest import Compression, Descriptor
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
@@ -248,7 +249,8 @@ def render_image_store(
 
     images_json = _dump([image.entry() for image in model.images.values()])
     layers_json = _dump(list(layer_entries.values()))
-    if _read(root / IMAGES_JSON) != images_json or _read(root / LAYERS_JSON) != layers_json:
+    current = (read_or_none(root / IMAGES_JSON), read_or_none(root / LAYERS_JSON))
+    if current != (images_json, layers_json):
         with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
             if stale_layers:  # while images go away, layers.json stays a superset
                 union = [*layer_entries.values(), *(old_layers[i] for i in sorted(stale_layers))]
@@ -318,23 +320,16 @@ def _ensure_big_data(writer: TreeWriter, root: Path, prefix: str, image: StoreIm
 
 def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, model: StoreModel) -> None:
     wanted_links = {layer.link for layer in model.layers.values()}
-    for name in _listdir(root / "overlay"):
+    for name in listdir(root / "overlay"):
         if name != "l" and name not in model.layers:
             writer.remove(f"{prefix}/overlay/{name}")
-    for name in _listdir(root / "overlay" / "l"):
+    for name in listdir(root / "overlay" / "l"):
         if name not in wanted_links:
             writer.remove(f"{prefix}/overlay/l/{name}")
-    for name in _listdir(root / "overlay-layers"):
+    for name in listdir(root / "overlay-layers"):
         layer_id = name.removesuffix(".tar-split.gz")
         if name.endswith(".tar-split.gz") and layer_id not in model.layers:
             writer.remove(f"{prefix}/overlay-layers/{name}")
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
 
 
 def _read_ids(path: Path) -> dict[str, dict[str, Any]]:
@@ -343,13 +338,6 @@ def _read_ids(path: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return {e["id"]: e for e in entries if isinstance(e, dict) and "id" in e}
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 def _dump(obj: Any) -> bytes:

@@ -1,0 +1,49 @@
+"""Small file-system helpers every writer and reader of a repository shares."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+__all__ = ["listdir", "make_dirs", "read_or_none", "remove_tree"]
+
+
+def listdir(path: str | os.PathLike[str]) -> list[str]:
+    """Sorted names in a directory; none if it is missing or unreadable."""
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def make_dirs(path: Path, *, stop: Path | None = None) -> None:
+    """mkdir -p with mode 0755 whatever the umask (a repository is read by all);
+    `stop`, if given, is the highest directory it may create."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path == stop or path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o755)
+            directory.chmod(0o755)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a symlink or a whole directory; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
