@@ -7,7 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["listdir", "make_dirs", "read_or_none", "remove_tree"]
+__all__ = ["UMASK", "listdir", "make_dirs", "read_or_none", "remove_tree"]
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, while importing (single-threaded): what a mode given to mkdir/open becomes.
+UMASK = _read_umask()
 
 
 def listdir(path: str | os.PathLike[str]) -> list[str]:

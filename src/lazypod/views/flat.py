@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import TreeWriter
+from ..fsutil import UMASK
 from ..manifest import ImageConfig
 from ..repository import ImageRecord, LayerWhiteouts, RepositoryState
 from ..unpack import OPAQUE_XATTRS
@@ -124,15 +125,19 @@ class FlatTree:
         """Write the tree into the empty directory `dest`: files are hardlinks to the
         layers' files (copies where the file system refuses)."""
         dest_b = os.fsencode(dest)
-        dirs: list[tuple[bytes, Node]] = []
+        dirs: list[tuple[bytes, Node, int | None]] = []
         copies: dict[tuple[int, int], bytes] = {}  # layer inode -> its copy here
+        root = os.geteuid() == 0
         for rel, node in self.walk():
             path = os.path.join(dest_b, rel) if rel else dest_b
             kind = stat.S_IFMT(node.st_mode)
             if stat.S_ISDIR(kind):
-                if rel:
-                    os.mkdir(path, 0o700)
-                dirs.append((path, node))
+                created = None
+                if rel:  # root writes anywhere: the final mode at once saves a chmod
+                    mode = stat.S_IMODE(node.st_mode) & 0o777 if root else 0o700
+                    os.mkdir(path, mode)
+                    created = mode & ~UMASK
+                dirs.append((path, node, created))
                 continue
             if stat.S_ISREG(kind) and node.source is not None:
                 if node.inode is not None and node.inode in copies:
@@ -155,8 +160,8 @@ class FlatTree:
             else:
                 os.mknod(path, node.st_mode, node.rdev)
             _apply_meta(path, node)
-        for path, node in reversed(dirs):
-            _apply_meta(path, node)
+        for path, node, created in reversed(dirs):
+            _apply_meta(path, node, created)
 
     def tar_members(
         self, prefix: str
@@ -192,11 +197,13 @@ class FlatTree:
             yield info, source, node.data if source is None else None
 
 
-def _apply_meta(path: bytes, node: Node) -> None:
-    if os.geteuid() == 0:
+def _apply_meta(path: bytes, node: Node, created: int | None = None) -> None:
+    """Owner, mode, xattrs and times; `created` is the mode the entry was made with."""
+    if os.geteuid() == 0 and (node.uid or node.gid):  # root's new entries are root's
         os.chown(path, node.uid, node.gid, follow_symlinks=False)
     if not stat.S_ISLNK(node.st_mode):
-        os.chmod(path, stat.S_IMODE(node.st_mode))
+        if created is None or stat.S_IMODE(node.st_mode) != created:
+            os.chmod(path, stat.S_IMODE(node.st_mode))
         if node.source is not None:
             _copy_xattrs(node.source, path)
     os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
