@@ -26,8 +26,12 @@ def user_lazypod(lazypod: str, workdir: Path) -> list[str]:
     site = workdir / "site"
     for dist in _runtime_distributions():
         for file in dist.files or ():
+            # Install records name console scripts ../../../bin/NAME: not needed here
+            # (lazypod runs with -c), and they would land outside workdir.
+            if ".." in file.parts or "__pycache__" in file.parts:
+                continue
             source = Path(str(dist.locate_file(file)))
-            if source.is_file() and "__pycache__" not in file.parts:
+            if source.is_file():
                 target = site / file
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
