@@ -73,5 +73,7 @@ class StandinRepo:
 
     def destroy(self) -> None:
         cvmfs_standin.rmfs(self.name)
-        subprocess.run(["umount", "-R", str(self.base)], check=False, capture_output=True)
+        # Lazily: podman's last container may still hold the client view for a moment.
+        subprocess.run(["umount", "-R", "-l", str(self.base)], check=False,
+                       capture_output=True)
         subprocess.run(["rm", "-rf", str(self.base)], check=False)

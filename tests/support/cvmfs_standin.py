@@ -129,7 +129,7 @@ def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
 def rmfs(name: str) -> None:
     repo = Repo(name)
     repo.unmount_view()
-    subprocess.run(["umount", repo.state["client"]], check=False, capture_output=True)
+    subprocess.run(["umount", "-l", repo.state["client"]], check=False, capture_output=True)
     shutil.rmtree(repo.base, ignore_errors=True)
 
 
