@@ -149,8 +149,7 @@ def _complete_configs(
             writer.write_file(f"{_CONFIG_CACHE}/{digest.hex}.json", raw)
             report.configs_fetched += 1
         state.images[i] = ImageRecord(image.public_name, image.reference, image.manifest,
-                                      ImageConfig.parse(raw, digest), image.index,
-                                      image.manifest_digest_known)
+                                      ImageConfig.parse(raw, digest), image.index)
 
 
 def _read_verified(path: Path, digest: Digest) -> bytes | None:

@@ -72,9 +72,6 @@ class VerifyingReader:
         self.bytes_read = 0
         self._checked = False
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
         if data:
@@ -88,11 +85,6 @@ class VerifyingReader:
         elif n != 0:
             self._verify()
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def _verify(self) -> None:
         if self._checked:

@@ -100,7 +100,6 @@ class Descriptor:
     digest: Digest
     size: int
     platform: Platform | None = None
-    urls: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, obj: Any, what: str) -> Descriptor:
@@ -115,7 +114,6 @@ class Descriptor:
                     if isinstance(plat, dict)
                     else None
                 ),
-                urls=tuple(obj.get("urls") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedImage(f"malformed descriptor in {what}: {exc}") from None

@@ -100,7 +100,6 @@ class ImageRecord:
     manifest: ImageManifest
     config: ImageConfig | None
     index: ManifestIndex | None = None
-    manifest_digest_known: bool = True  # False for DUCC's re-encoded manifest.json
 
     @property
     def podman_name(self) -> str:
@@ -185,7 +184,7 @@ def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
 def _load_image(layout: Layout, rel: str) -> ImageRecord:
     directory = layout.root / METADATA / rel
     raw = (directory / "manifest.json").read_bytes()
-    manifest, digest_known = _parse_stored_manifest(raw)
+    manifest = _parse_stored_manifest(raw)
     reference = _reference_for(rel, manifest.digest)
     config: ImageConfig | None = None
     with contextlib.suppress(FileNotFoundError):
@@ -201,21 +200,20 @@ def _load_image(layout: Layout, rel: str) -> ImageRecord:
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
-    return ImageRecord(rel, reference, manifest, config, index, digest_known)
+    return ImageRecord(rel, reference, manifest, config, index)
 
 
-def _parse_stored_manifest(raw: bytes) -> tuple[ImageManifest, bool]:
-    """A manifest as fetched, or as DUCC re-encodes it (Go field names, no json tags)."""
+def _parse_stored_manifest(raw: bytes) -> ImageManifest:
+    """A manifest as fetched, or as DUCC re-encodes it (Go field names, no json tags;
+    its digest is then that of lazypod's re-encoding, not the registry's)."""
     obj = json.loads(raw)
-    digest_known = True
     if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
         obj = _lower_keys(obj)
         raw = json.dumps(obj, separators=(",", ":")).encode()
-        digest_known = False
     parsed = parse_manifest(raw, None, Digest.of(raw))
     if not isinstance(parsed, ImageManifest):
         raise ValueError("manifest.json holds an index, not an image manifest")
-    return parsed, digest_known
+    return parsed
 
 
 def _lower_keys(value: Any) -> Any:

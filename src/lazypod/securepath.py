@@ -141,15 +141,6 @@ class LayerDir:
             _, old = self._cache.popitem(last=False)
             os.close(old)
 
-    def open_dir(self, path: SafePath) -> int:
-        """A readable descriptor (for fchown, fsetxattr, utime) of an existing directory."""
-        if not path:
-            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        parent, name = self.parent(path, create=False)
-        return os.open(
-            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
-        )
-
     @property
     def fd_path(self) -> str:
         """A path to the layer directory itself, through its open descriptor."""

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
@@ -149,7 +150,7 @@ class FlatTree:
                 except OSError as exc:
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                         raise
-                _copy_file(node.source, path)
+                shutil.copyfile(node.source, path, follow_symlinks=False)
                 if node.inode is not None:
                     copies[node.inode] = path
             elif stat.S_ISREG(kind):
@@ -215,29 +216,6 @@ def _copy_xattrs(source: bytes, dest: bytes) -> None:
             if not name.startswith(_SKIPPED_XATTRS):
                 os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False),
                             follow_symlinks=False)
-
-
-def _copy_file(source: bytes, dest: bytes) -> None:
-    """Copy in the kernel (sharing blocks where the file system can)."""
-    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            remaining = os.fstat(src).st_size
-            while remaining > 0:
-                try:
-                    done = os.copy_file_range(src, dst, remaining)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
-                    done = os.write(dst, os.read(src, min(remaining, 1 << 20)))
-                if done == 0:
-                    break
-                remaining -= done
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
 
 
 def _parts(path: bytes) -> list[bytes]:
