@@ -161,26 +161,53 @@ def test_an_open_transaction_is_reported_and_aborted_with_force(registry, lazypo
     assert not cvmfs.state()["transaction"]
 
 
-def test_sigterm_aborts_the_open_transaction(registry, lazypod, cvmfs):
-    names = shared_base_images(registry, 1, "sigterm")
-    cvmfs.inject(publish_sleep=30)  # the run waits on its first publish, transaction open
+def start_convert(lazypod, cvmfs, name: str):
     recipe = cvmfs.base / "sigterm.yaml"
-    recipe.write_text(f"version: 1\ninput:\n  - 'http://{names[0]}'\n")
-
-    proc = lazypod.popen("convert", "--backend", "cvmfs", "--insecure-registry",
-                         names[0].split("/")[0], "--public-root", str(cvmfs.client_view),
+    recipe.write_text(f"version: 1\ninput:\n  - 'http://{name}'\n")
+    return lazypod.popen("convert", "--backend", "cvmfs", "--insecure-registry",
+                         name.split("/")[0], "--public-root", str(cvmfs.client_view),
                          str(recipe), cvmfs.name)
+
+
+def test_sigterm_during_an_ingest_publishes_nothing_of_it(registry, lazypod, cvmfs):
+    names = shared_base_images(registry, 1, "sigterm-ingest")
+    cvmfs.inject(ingest_sleep=3)  # the server opens the tar, then reads nothing for 3 s
+    proc = start_convert(lazypod, cvmfs, names[0])
     deadline = time.monotonic() + 60
-    while not cvmfs.state()["transaction"] and time.monotonic() < deadline:
+    while not cvmfs.ingest_started() and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.5)  # well inside `cvmfs_server publish`
+    time.sleep(0.5)  # lazypod is blocked writing the tar
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
 
     assert proc.returncode == 1
     assert "SIGTERM" in stderr
     assert not cvmfs.state()["transaction"]
-    assert cvmfs.counts()["abort"] == 1
+    assert cvmfs.counts()["ingest"] == 0  # the ingest failed: nothing of it was published
+    layers = cvmfs.client_view / ".layers"
+    assert not any(layers.glob("*/*/layerfs/bin/busybox"))
+    cvmfs.inject()
+    convert(lazypod, cvmfs, *names)
+    assert any(layers.glob("*/*/layerfs/bin/busybox"))
+
+
+def test_sigterm_during_a_publish_lets_it_finish(registry, lazypod, cvmfs):
+    names = shared_base_images(registry, 1, "sigterm-publish")
+    cvmfs.inject(publish_sleep=3)  # the run waits on its first publish, transaction open
+    proc = start_convert(lazypod, cvmfs, names[0])
+    deadline = time.monotonic() + 60
+    while not cvmfs.state()["transaction"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # well inside `cvmfs_server publish`
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1
+    assert "SIGTERM" in stderr and "waiting for cvmfs_server to finish" in stderr
+    assert time.monotonic() - started > 1.5  # cvmfs_server was not killed half-way
+    assert not cvmfs.state()["transaction"]
+    assert cvmfs.counts()["publish"] == 1 and cvmfs.counts()["abort"] == 0
 
 
 def test_server_conf_without_xattrs_is_refused(registry, lazypod, tmp_path):

@@ -8,13 +8,17 @@ Exit status: 0 done, 1 something failed (one line on stderr says what to do),
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,13 +50,37 @@ log = logging.getLogger("lazypod")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(LazypodError):
+    """SIGTERM arrived: the run stops the way an error stops it (an open CVMFS
+    transaction is aborted on the way out)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception in the main thread, as Ctrl-C is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated("terminated by SIGTERM; nothing half-written was left (rerun to "
+                         "complete the work)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fail_cleanly(func: F) -> F:
     """LazypodError -> one line on stderr and exit status 1, no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _sigterm_raises():
+                return func(*args, **kwargs)
         except LazypodError as exc:
             click.echo(f"lazypod: error: {exc}", err=True)
             sys.exit(1)
@@ -112,6 +140,11 @@ def _backend_options(func: F) -> F:
     func = click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
                         help="cvmfs: local directory for unpacking layers before they are "
                              "published (default /var/spool/lazypod).")(func)
+    func = click.option("--wait-for-readers", type=click.FloatRange(min=0), default=0,
+                        metavar="SECONDS",
+                        help="cvmfs: when other processes hold files under the repository's "
+                             "mounts (cvmfs_server would ask whether to go on), wait this "
+                             "long for them before failing (default: fail at once).")(func)
     return click.option("--public-root", metavar="PATH",
                         help="Absolute path at which clients see the repository, for the "
                              "podman stores' links (default: the repository path; "
@@ -119,13 +152,30 @@ def _backend_options(func: F) -> F:
 
 
 def _backend(kind: str, repository: str, *, public_root: str | None, force: bool,
-             work_dir: Path | None) -> Backend:
+             work_dir: Path | None, wait_for_readers: float = 0) -> Backend:
     if kind == "cvmfs":
-        config = CvmfsConfig(repository, public_root=public_root, force=force)
-        if work_dir is not None:
-            config.work_dir = work_dir
-        return CvmfsBackend(config)
+        return CvmfsBackend(cvmfs_config(repository, public_root=public_root, force=force,
+                                         work_dir=work_dir, wait_for_readers=wait_for_readers))
     return DirectoryBackend(Path(repository), public_root=public_root)
+
+
+def cvmfs_config(repository: str, *, public_root: str | None, force: bool,
+                 work_dir: Path | None, wait_for_readers: float) -> CvmfsConfig:
+    """The cvmfs backend's settings: options, then the environment (LAZYPOD_WORK_DIR;
+    LAZYPOD_CVMFS_MOUNT_ROOT, LAZYPOD_CVMFS_CLIENT_ROOT and LAZYPOD_CVMFS_CONFIG_DIR
+    move /cvmfs, /var/spool/cvmfs/NAME/rdonly and /etc/cvmfs, for test set-ups)."""
+    env = os.environ
+    client = env.get("LAZYPOD_CVMFS_CLIENT_ROOT")
+    return CvmfsConfig(
+        repository,
+        mount_root=Path(env.get("LAZYPOD_CVMFS_MOUNT_ROOT", "/cvmfs")),
+        client_root=Path(client) / repository if client else None,
+        config_dir=Path(env.get("LAZYPOD_CVMFS_CONFIG_DIR", "/etc/cvmfs")),
+        work_dir=work_dir or Path(env.get("LAZYPOD_WORK_DIR", "/var/spool/lazypod")),
+        public_root=public_root,
+        force=force,
+        wait_for_readers=wait_for_readers,
+    )
 
 
 def _run_conversion(
@@ -139,6 +189,7 @@ def _run_conversion(
     backend_kind: str | None,
     force: bool,
     work_dir: Path | None,
+    wait_for_readers: float,
     public_root: str | None,
     workers: int,
     progress: bool | None,
@@ -156,7 +207,8 @@ def _run_conversion(
             for ref in references:
                 expanded += expand_wildcards(registry, ref)
             backend = _backend(backend_kind or default_backend, repository,
-                               public_root=public_root, force=force, work_dir=work_dir)
+                               public_root=public_root, force=force, work_dir=work_dir,
+                               wait_for_readers=wait_for_readers)
             converter = Converter(backend, registry, options, reporter)
             report = converter.convert(expanded)
     finally:
@@ -271,12 +323,12 @@ def loop(recipe: Path, repository: str | None, interval: int, max_runs: int | No
 @_backend_options
 @_fail_cleanly
 def rm(repository: str, images: tuple[str, ...], backend_kind: str | None, force: bool,
-       work_dir: Path | None, public_root: str | None) -> None:
+       work_dir: Path | None, wait_for_readers: float, public_root: str | None) -> None:
     """Remove IMAGES (by name, e.g. docker.io/library/debian:bookworm) from REPOSITORY:
     their metadata, public links and podman store entries. Their layers stay until
     `lazypod garbage-collection`."""
     backend = _backend(backend_kind or "dir", repository, public_root=public_root,
-                       force=force, work_dir=work_dir)
+                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers)
     for name in remove_images(backend, [parse_reference(i) for i in images]):
         click.echo(f"removed {name}", err=True)
 
@@ -290,11 +342,11 @@ def rm(repository: str, images: tuple[str, ...], backend_kind: str | None, force
 @_fail_cleanly
 def garbage_collection(repository: str, dry_run: bool, grace_period: int,
                        backend_kind: str | None, force: bool, work_dir: Path | None,
-                       public_root: str | None) -> None:
+                       wait_for_readers: float, public_root: str | None) -> None:
     """Remove layers and flat trees that no image of REPOSITORY uses (reachability
     from .metadata, as DUCC's current garbage collection), then refresh the views."""
     backend = _backend(backend_kind or "dir", repository, public_root=public_root,
-                       force=force, work_dir=work_dir)
+                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers)
     report = collect_garbage(backend, dry_run=dry_run, grace_seconds=grace_period)
     verb = "would remove" if dry_run else "removed"
     for rel in report.layers + report.flats:

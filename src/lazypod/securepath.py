@@ -1,6 +1,6 @@
-"""The one door through which a name from a tarball becomes a place on disk.
+"""The one door between a layer's names and the disk, for writers and readers alike.
 
-Two checks, both needed:
+Writing (unpacking a tarball), two checks, both needed:
 
 * `clean_member_name` judges the name alone: no absolute names, no `..`, no
   NUL; `./a//b/` becomes ("a", "b").
@@ -8,7 +8,12 @@ Two checks, both needed:
   from an open descriptor of the layer directory, so nothing (a symlink planted
   by an earlier member, a directory swapped under us) can lead outside it.
 
-Nothing else in lazypod joins paths taken from a tarball.
+Reading (flat trees, the cvmfs backend's plan and ingest, `check`, the client
+views' scan): `walk_layer` lists a layer from descriptors, never through a
+symlink (a layer's `dev/fd -> /proc/self/fd` or `var/run -> /run` is an entry, not
+a way in), and `LayerDir.open_file` opens one of its files the same way.
+
+Nothing else in lazypod joins paths taken from a tarball or found in a layer.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import LayerError, UnsafeLayer
 
-__all__ = ["LayerDir", "SafePath", "clean_member_name", "display"]
+__all__ = ["LayerDir", "LayerEntry", "SafePath", "clean_member_name", "display", "walk_layer"]
 
 SafePath = tuple[bytes, ...]
 # Deeper trees than any real image has; it keeps every later walk of the layer (flat
@@ -29,6 +37,7 @@ SafePath = tuple[bytes, ...]
 MAX_DEPTH = 256
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def display(name: bytes | SafePath) -> str:
@@ -148,4 +157,126 @@ class LayerDir:
 
     def proc_path(self, dir_fd: int, name: bytes) -> bytes:
         """A path to `name` in an open directory, for calls that take no dir_fd (xattrs)."""
-        return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+        return proc_path(dir_fd, name)
+
+    def open_file(self, path: SafePath) -> int:
+        """A read-only descriptor of the regular file `path`, reached without following
+        any symlink; LayerError if it is not a regular file."""
+        parent, name = self.parent(path, create=False)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=parent)
+        except OSError as exc:
+            raise LayerError(f"cannot open {display(path)!r} in layer {self.path}: "
+                             f"{exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LayerError(f"{display(path)!r} in layer {self.path} is not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+
+
+def proc_path(dir_fd: int, name: bytes) -> bytes:
+    """A path to `name` in an open directory, for calls that take no dir_fd (xattrs);
+    the directory is pinned by its descriptor, the last component is not followed by
+    the `l*` calls (`follow_symlinks=False`)."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerEntry:
+    """One entry of a layer, as `walk_layer` found it: `path` is relative to the
+    layer root (b"" for the root itself), `st` its lstat, `xattrs` what was asked."""
+
+    path: bytes
+    st: os.stat_result
+    xattrs: dict[str, bytes]
+    target: bytes = b""  # a symlink's target
+
+    @property
+    def name(self) -> bytes:
+        return self.path.rsplit(b"/", 1)[-1]
+
+
+# Whose xattrs a walk reads: nobody's, directories', everything but regular files and
+# symlinks ("special": what a hardlinked copy of the layer does not carry), everyone's.
+XattrsWanted = Literal["none", "dirs", "special", "all"]
+
+
+def walk_layer(root: Path | str, *, xattrs: XattrsWanted = "none",
+               skip_unreadable: bool = False) -> Iterator[LayerEntry]:
+    """Every entry of the layer directory `root`, parents before children, names in
+    byte order, read from open descriptors without following any symlink below
+    `root`. Descriptors stay open only while the walk runs (close the generator, or
+    exhaust it, to release them). `xattrs`: whose xattrs to read (see XattrsWanted).
+    `skip_unreadable`: leave out the content of directories this user may not
+    list, instead of failing."""
+    try:
+        fd = os.open(root, _LIST_FLAGS)
+    except OSError as exc:
+        raise LayerError(f"cannot read layer {os.fsdecode(root)}: {exc.strerror}") from None
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    try:
+        yield LayerEntry(b"", os.fstat(fd), _fd_xattrs(fd) if xattrs != "none" else {})
+        stack.append((fd, b"", _names(fd, root, skip_unreadable)))
+        while stack:
+            dir_fd, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(dir_fd)
+                stack.pop()
+                continue
+            rel = prefix + b"/" + name if prefix else name
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
+                    yield LayerEntry(rel, st, {}, os.readlink(name, dir_fd=dir_fd))
+                    continue
+                wanted = xattrs == "all" or (xattrs == "special"
+                                             and not stat.S_ISREG(st.st_mode))
+                yield LayerEntry(rel, st, _path_xattrs(proc_path(dir_fd, name)) if wanted
+                                 else {})
+                continue
+            if len(stack) > MAX_DEPTH:
+                raise LayerError(f"layer {os.fsdecode(root)} nests directories deeper than "
+                                 f"{MAX_DEPTH} at {display(rel)[:80]!r}")
+            try:
+                child = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+            except PermissionError:
+                if not skip_unreadable:
+                    raise
+                yield LayerEntry(rel, st, {})
+                continue
+            except OSError as exc:  # ELOOP, ENOTDIR: swapped for a symlink or a file
+                raise LayerError(f"layer {os.fsdecode(root)} changed while it was read "
+                                 f"({display(rel)!r}: {exc.strerror})") from None
+            stack.append((child, rel, _names(child, root, skip_unreadable)))
+            yield LayerEntry(rel, st, _fd_xattrs(child) if xattrs != "none" else {})
+    finally:
+        for dir_fd, _, _ in stack:
+            os.close(dir_fd)
+
+
+def _names(fd: int, root: Path | str, skip_unreadable: bool) -> Iterator[bytes]:
+    try:
+        names = os.listdir(fd)
+    except PermissionError:
+        if not skip_unreadable:
+            raise
+        names = []
+    return iter(sorted(os.fsencode(n) for n in names))
+
+
+def _fd_xattrs(fd: int) -> dict[str, bytes]:
+    try:
+        return {key: os.getxattr(fd, key) for key in os.listxattr(fd)}
+    except OSError:
+        return {}
+
+
+def _path_xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        return {key: os.getxattr(path, key, follow_symlinks=False)
+                for key in os.listxattr(path, follow_symlinks=False)}
+    except OSError:
+        return {}

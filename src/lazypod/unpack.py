@@ -34,11 +34,11 @@ import fastcrc
 
 from .errors import BackendError, LayerError, UnsafeLayer
 from .fsutil import UMASK
+from .overlay import AUFS_META_PREFIX, AUFS_OPAQUE, AUFS_PREFIX, RESERVED_XATTR_PREFIXES
 from .securepath import LayerDir, SafePath, clean_member_name, display
 from .tarstream import MemberType, TarMember, TarReader
 
 __all__ = [
-    "OPAQUE_XATTRS",
     "DirectorySink",
     "LayerSink",
     "Meta",
@@ -47,13 +47,8 @@ __all__ = [
     "unpack_layer",
 ]
 
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
-META_PREFIX = b".wh..wh."
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 ROOT_MODE = 0o555
-# Xattrs that steer overlayfs itself: a layer must not bring its own.
-_RESERVED_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 
 @dataclass(frozen=True)
@@ -210,12 +205,12 @@ def _dispatch(
         xattrs=_allowed_xattrs(member, warn),
     )
     base = path[-1] if path else b""
-    if base.startswith(WHITEOUT_PREFIX):
-        if base == OPAQUE_MARKER:
+    if base.startswith(AUFS_PREFIX):
+        if base == AUFS_OPAQUE:
             sink.opaque(path[:-1])
             stats.opaque_dirs.append(path[:-1])
-        elif not base.startswith(META_PREFIX):
-            hidden = base[len(WHITEOUT_PREFIX) :]
+        elif not base.startswith(AUFS_META_PREFIX):
+            hidden = base[len(AUFS_PREFIX) :]
             if hidden in (b"", b".", b".."):
                 raise UnsafeLayer(f"layer member {display(member.unsafe_name)!r} is a "
                                   "whiteout of nothing: refusing the layer")
@@ -286,7 +281,7 @@ def _allowed_xattrs(member: TarMember, warn: Callable[[str], None]) -> dict[str,
         return member.xattrs
     allowed = {}
     for name, value in member.xattrs.items():
-        if name.startswith(_RESERVED_XATTRS):
+        if name.startswith(RESERVED_XATTR_PREFIXES):
             warn(f"dropped xattr {name} of {display(member.unsafe_name)!r}: it would steer "
                  "overlayfs")
         else:

@@ -30,6 +30,7 @@ class StandinRepo:
         self.env = {
             "CVMFS_STANDIN_HOME": str(self.home),
             "LAZYPOD_CVMFS_MOUNT_ROOT": str(self.mount_root),
+            "LAZYPOD_CVMFS_CLIENT_ROOT": str(self.client_root),
             "LAZYPOD_CVMFS_CONFIG_DIR": str(self.config_dir),
             "LAZYPOD_WORK_DIR": str(self.work_dir),
             "LAZYPOD_TEST_PYTHON": sys.executable,
@@ -52,6 +53,9 @@ class StandinRepo:
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.home / self.name / "state.json").read_text())
+
+    def ingest_started(self) -> bool:
+        return (self.home / self.name / "ingest-started").exists()
 
     def counts(self) -> dict[str, int]:
         return dict(self.state()["counts"])

@@ -8,15 +8,26 @@ Per repository, under $CVMFS_STANDIN_HOME/<name>/:
   scratch/     upper and work directories while a transaction is open
   state.json   open transaction?, counters, injected faults
   ingested     paths that came in through ingest (xattrs cannot be set on them later)
+  ingest-N.json  what ingest number N received (name, type, link, content hash)
 
 The server view (`<mount root>/<name>`) is, as on a real server, an overlayfs over
 `published/`: read-only between transactions (a write fails with EROFS), read-write
 inside one, where the kernel itself refuses `mknod c 0 0` and escapes
 `trusted.overlay.*` xattrs of new directories, which publish stores unescaped.
+
+As the real server does: `ingest` and `publish` refuse writable descriptors and a
+working directory under the server view, and ask about read-only descriptors there,
+reading the answer from standard input ("aborted." unless it is y); `ingest -t`
+takes a file or a FIFO; a tar that breaks off publishes nothing; a hardlink member
+becomes a copy of its source as the catalog has it (its metadata, no xattrs; a
+missing source PANICs); existing directories keep their metadata. Closing a
+transaction while files are held under the client view counts a forced remount
+(a real server waits 60 s, then unmounts lazily).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +35,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -116,7 +128,8 @@ def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
     client.mkdir(parents=True)
     state = {"mount": str(mount), "client": str(client), "server_conf": str(conf),
              "owner": list(owner), "transaction": False,
-             "counts": {"transaction": 0, "publish": 0, "abort": 0, "ingest": 0},
+             "counts": {"transaction": 0, "publish": 0, "abort": 0, "ingest": 0,
+                        "forced_remounts": 0},
              "fail": {}}
     (base / "state.json").write_text(json.dumps(state, indent=1))
     repo = Repo(name)
@@ -133,7 +146,96 @@ def rmfs(name: str) -> None:
     shutil.rmtree(repo.base, ignore_errors=True)
 
 
+# -- what a real cvmfs_server checks before it changes anything ----------------------------
+
+def _holders(path: Path, *, read_only: bool | None) -> list[str]:
+    """Processes with a file open under `path` (read-only ones, writable ones, or all),
+    as `cvmfs_publish lsof` finds them; this process and its parents aside."""
+    mine = {os.getpid(), os.getppid()}
+    prefix = str(path).rstrip("/")
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) in mine:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1]
+                            .split()[0], 8)
+            except (OSError, IndexError, ValueError):
+                continue
+            if target != prefix and not target.startswith(prefix + "/"):
+                continue
+            is_ro = flags & os.O_ACCMODE == os.O_RDONLY
+            if read_only is None or is_ro == read_only:
+                found.append(f"{pid} {target}")
+    return found
+
+
+def _cwd_under(path: Path) -> bool:
+    prefix = str(path).rstrip("/")
+    try:
+        cwd = os.readlink(f"/proc/{os.getppid()}/cwd")
+    except OSError:
+        return False
+    return cwd == prefix or cwd.startswith(prefix + "/")
+
+
+def _check_before_change(repo: Repo) -> None:
+    """cvmfs_server's checks before ingest and publish: writable descriptors and a
+    working directory under the server view are fatal; read-only ones make it ask
+    whether to go on, reading the answer from standard input."""
+    if _holders(repo.mount, read_only=False):
+        fail(f"Open writable file descriptors on {repo.name}")
+    if _cwd_under(repo.mount):
+        fail(f"Current working directory is in /cvmfs/{repo.name}.  Please release, e.g. "
+             "by 'cd $HOME'.")
+    readers = _holders(repo.mount, read_only=True)
+    if not readers:
+        return
+    print(f"\nWARNING! There are open read-only file descriptors in /cvmfs/{repo.name}\n"
+          + "\n".join(readers) + "\n\n         Do you want to proceed anyway? (y/N) ", end="")
+    sys.stdout.flush()
+    reply = sys.stdin.readline().strip()
+    if reply not in ("y", "Y"):
+        print("aborted.")
+        sys.exit(1)
+
+
+def _close(repo: Repo) -> None:
+    """Closing a transaction remounts the client view; anything held there makes a real
+    server wait 60 s and unmount lazily (an orphaned client can follow): counted."""
+    client = Path(repo.state["client"])
+    if _holders(client, read_only=None):
+        print(f"{repo.name} is forcefully remounted in 60 seconds (files held under {client})",
+              file=sys.stderr)
+        repo.state["counts"]["forced_remounts"] = \
+            repo.state["counts"].get("forced_remounts", 0) + 1
+        repo.save()
+
+
 # -- commands -------------------------------------------------------------------------
+
+def cmd_list(args: list[str]) -> None:
+    for state_file in sorted(home().glob("*/state.json")):
+        state = json.loads(state_file.read_text())
+        name = state_file.parent.name
+        info = " - in transaction" if state["transaction"] else ""
+        print(f"{name} (stratum0 / local{info})")
+
+
+def cmd_check(args: list[str]) -> None:
+    if len(args) != 1:
+        fail("usage: cvmfs_server check <repository>", 2)
+    repo = Repo(args[0])
+    if repo.state["transaction"]:
+        fail(f"{repo.name} is in a transaction")
+    print(f"Verifying integrity of {repo.name}... ok")
+
 
 def cmd_transaction(args: list[str]) -> None:
     template = None
@@ -168,6 +270,8 @@ def cmd_publish(args: list[str]) -> None:
     if repo.state["fail"].get("publish") == repo.state["counts"]["publish"] + 1:
         fail("injected failure: publish failed (the transaction stays open)")
     time.sleep(float(repo.state["fail"].get("publish_sleep", 0)))
+    _check_before_change(repo)
+    _close(repo)
     repo.unmount_view()
     try:
         _merge(repo)
@@ -187,6 +291,7 @@ def cmd_abort(args: list[str]) -> None:
     repo = Repo(args[1])
     if not repo.state["transaction"]:
         fail(f"{repo.name} is not in a transaction")
+    _close(repo)
     repo.unmount_view()
     shutil.rmtree(repo.base / "scratch", ignore_errors=True)
     repo.mount_readonly()
@@ -224,52 +329,96 @@ def cmd_ingest(args: list[str]) -> None:
         fail("PANIC: deleting and ingesting the same path in one command", 1)
     number = repo.state["counts"]["ingest"] + 1
     if repo.state["fail"].get("ingest") == number:
-        if source == "-":
-            sys.stdin.buffer.read(4096)
+        if source is not None:
+            with open(sys.stdin.fileno() if source == "-" else source, "rb",
+                      closefd=source != "-") as stream:
+                stream.read(4096)
         if repo.state["fail"].get("ingest_leaves_transaction"):
             repo.mount_writable()
             repo.state["transaction"] = True
             repo.save()
         fail("injected failure: ingest failed")
+    _check_before_change(repo)
+    staged = None
+    if source is not None:
+        if base is None:
+            fail("ingest needs -b", 2)
+        stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+        (repo.base / "ingest-started").touch()
+        time.sleep(float(repo.state["fail"].get("ingest_sleep", 0)))
+        head = stream.peek(8)[:8] if hasattr(stream, "peek") else b""
+        if any(head.startswith(m) for m in _COMPRESSED_MAGIC):
+            fail("Unrecognized archive format")
+        # The whole tar is read before anything changes: a broken stream publishes nothing.
+        staged = _read_tar(repo, stream, number)
     if delete is not None:
         target = repo.published / delete.strip("/")
         if not target.exists() and not target.is_symlink():
             print(f"warning: {delete} does not exist", file=sys.stderr)
         else:
             _remove(target)
-            repo.mount_readonly()
-    if source is not None:
-        if base is None:
-            fail("ingest needs -b", 2)
-        stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
-        head = stream.peek(8)[:8] if hasattr(stream, "peek") else b""
-        if any(head.startswith(m) for m in _COMPRESSED_MAGIC):
-            fail("Unrecognized archive format")
-        # The server view stays mounted (the publisher may be reading it to build this
-        # very tar); it is mounted afresh afterwards, so it shows the new content.
+    if staged is not None:
+        assert base is not None
         try:
-            added = _ingest_tar(repo, stream, base.strip("/"), keep_owner)
+            added = _apply_tar(repo, staged, base.strip("/"), keep_owner)
         finally:
-            repo.mount_readonly()
+            shutil.rmtree(staged[0], ignore_errors=True)
         if catalog:
             (repo.published / base.strip("/") / ".cvmfscatalog").touch()
         repo.add_ingested(added)
+    _close(repo)
+    repo.mount_readonly()
     repo.count("ingest")
     repo.count("publish")
 
 
 # -- what ingest does with a tar --------------------------------------------------------
 
-def _ingest_tar(repo: Repo, stream: Any, base: str, keep_owner: bool) -> list[bytes]:
-    owner = repo.owner()
-    root = repo.published
-    added: list[bytes] = []
+Staged = tuple[Path, list[tuple[tarfile.TarInfo, Path | None]]]
+
+
+def _read_tar(repo: Repo, stream: Any, number: int) -> Staged:
+    """Every member, file contents into a staging directory; fails (and nothing is
+    published) on a truncated or malformed tar, as libarchive makes ingest PANIC.
+    What came in is logged (name, type, link, content hash) for the tests."""
+    stage = Path(tempfile.mkdtemp(prefix="ingest-", dir=repo.base))
+    members: list[tuple[tarfile.TarInfo, Path | None]] = []
+    log = []
     try:
         tar = tarfile.open(  # noqa: SIM115 (read to the end below)
             fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
-    except tarfile.TarError:
-        fail("Unrecognized archive format")
-    for member in tar:
+        for i, member in enumerate(tar):
+            content = None
+            digest = ""
+            if member.isreg():
+                content = stage / str(i)
+                with content.open("wb") as f:
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    h = hashlib.sha256()
+                    while chunk := data.read(1 << 20):
+                        h.update(chunk)
+                        f.write(chunk)
+                    if f.tell() != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    digest = h.hexdigest()
+            members.append((member, content))
+            log.append({"name": member.name, "type": member.type.decode(),
+                        "linkname": member.linkname, "size": member.size,
+                        "sha256": digest, "mode": member.mode})
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        fail(f"PANIC: Fatal error in reading the archive: {exc}\nSynchronization failed")
+    (repo.base / f"ingest-{number}.json").write_text(json.dumps(log))
+    return stage, members
+
+
+def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[bytes]:
+    owner = repo.owner()
+    root = os.fsencode(repo.published)
+    added: list[bytes] = []
+    hardlinks: list[tuple[bytes, bytes]] = []
+    for member, content in staged[1]:
         name = os.fsencode(member.name).strip(b"/")
         if name in (b"", b"."):
             continue
@@ -277,24 +426,28 @@ def _ingest_tar(repo: Repo, stream: Any, base: str, keep_owner: bool) -> list[by
         if b".." in parts:
             fail(f"ingest: refusing member {member.name}")
         rel = os.path.join(os.fsencode(base), *parts) if base else os.path.join(*parts)
-        path = os.path.join(os.fsencode(root), rel)
+        path = os.path.join(root, rel)
         _make_parents(path, (65534, 65534) if keep_owner else owner)
         uid, gid = (member.uid, member.gid) if keep_owner else owner
+        if member.islnk():  # resolved last, from the catalog, as ingest's PostUpload does
+            link = os.fsencode(member.linkname).strip(b"/")
+            hardlinks.append((path, os.path.join(root, os.fsencode(base), link) if base
+                              else os.path.join(root, link)))
+            added.append(rel)
+            continue
         if member.isdir():
             if os.path.lexists(path) and not os.path.isdir(path):
                 os.unlink(path)
-            if not os.path.isdir(path):
-                os.mkdir(path)
+            if os.path.isdir(path):
+                added.append(rel)
+                continue  # an existing directory keeps what it has (ingest: not new)
+            os.mkdir(path)
         else:
             if os.path.lexists(path):
                 _remove(Path(os.fsdecode(path)))
             if member.isreg():
-                with open(path, "wb") as f:
-                    shutil.copyfileobj(tar.extractfile(member), f)  # type: ignore[misc]
-            elif member.islnk():  # CVMFS keeps the content, not the link
-                target = os.path.join(os.fsencode(root), os.fsencode(base),
-                                      os.fsencode(member.linkname).strip(b"/"))
-                shutil.copyfile(target, path)
+                assert content is not None
+                shutil.copyfile(content, path)
             elif member.issym():
                 os.symlink(os.fsencode(member.linkname), path)
             elif member.ischr() or member.isblk():
@@ -307,6 +460,18 @@ def _ingest_tar(repo: Repo, stream: Any, base: str, keep_owner: bool) -> list[by
             os.chmod(path, member.mode)
         os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
         added.append(rel)
+    for path, source in hardlinks:
+        # A catalog entry cloned from the source: its content and metadata, no xattrs,
+        # an independent copy (nlink 1). A missing source makes ingest PANIC.
+        if not os.path.isfile(source) or os.path.islink(source):
+            fail(f"PANIC: catalog for file '{os.fsdecode(source)}' cannot be found, aborting")
+        if os.path.lexists(path):
+            _remove(Path(os.fsdecode(path)))
+        shutil.copyfile(source, path)
+        st = os.lstat(source)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     return added
 
 
@@ -419,7 +584,7 @@ def _remove(path: Path) -> None:
 
 
 COMMANDS = {"transaction": cmd_transaction, "publish": cmd_publish, "abort": cmd_abort,
-            "ingest": cmd_ingest}
+            "ingest": cmd_ingest, "list": cmd_list, "check": cmd_check}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ a bounded number of CVMFS publishes.
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Protocol
@@ -21,13 +21,14 @@ from ..layout import Layout
 from ..repository import LayerRecord, LayerWhiteouts
 from ..unpack import LayerSink
 
-__all__ = ["Backend", "PublishRun", "StagedLayer", "TreeSource", "TreeWriter"]
+__all__ = ["Backend", "PublishRun", "StagedLayer", "TreeBatch", "TreeSource", "TreeWriter"]
 
 
 class TreeWriter(Protocol):
     """Writes under the repository root so that readers see each change whole."""
 
-    layout: Layout
+    layout: Layout  # where writes go
+    read_layout: Layout  # where published content (layer files) is read from
     public_root: str  # the absolute path at which clients see the repository
 
     def write_file(self, rel: str, data: bytes, mode: int = 0o644) -> None: ...
@@ -37,16 +38,23 @@ class TreeWriter(Protocol):
     def make_dir(self, rel: str) -> None: ...
     def touch_lock(self, rel: str, token: bytes) -> None: ...
     def lock_files(self, rels: list[str]) -> AbstractContextManager[None]: ...
-    def add_trees(self, trees: Mapping[str, TreeSource]) -> None: ...
+    def add_trees(self, batch: TreeBatch) -> None: ...
 
 
 class TreeSource(Protocol):
     """A whole directory tree to add (a flat image), as files or as a tar stream."""
 
     def materialize(self, dest: Path) -> None: ...
-    def tar_members(
-        self, prefix: str
-    ) -> Iterator[tuple[tarfile.TarInfo, bytes | None, bytes | None]]: ...
+    def tar_members(self, prefix: str) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]: ...
+
+
+class TreeBatch(Protocol):
+    """New whole trees, built one at a time while they are iterated."""
+
+    def __len__(self) -> int: ...
+    def rels(self) -> list[str]: ...
+    def prefetch(self) -> None: ...
+    def __iter__(self) -> Iterator[tuple[str, TreeSource]]: ...
 
 
 class StagedLayer(Protocol):
@@ -66,8 +74,8 @@ class PublishRun(TreeWriter, Protocol):
     def stage_layer(self, digest: Digest) -> StagedLayer: ...
     def flush(self) -> None: ...
     def commit(self) -> None: ...
-
-    publishes: int
+    @property
+    def publishes(self) -> int: ...
 
 
 class Backend(Protocol):

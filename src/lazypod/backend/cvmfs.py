@@ -1,31 +1,30 @@
 """The `cvmfs` backend: publish into a CernVM-FS repository through `cvmfs_server`.
 
 What a CVMFS 2.12 server keeps, by path of entry (shared/docs/CVMFS.md), decides
-the write path. Overlay whiteouts (0/0 character devices) can only come in
-through `cvmfs_server ingest`; xattrs (opaque markers included) only through a
-transaction, and only on directories that transaction creates. So a run goes:
+the write path (`cvmfs_plan`); how the server is driven safely is `cvmfs_server`'s
+job. A run goes:
 
 1. layers are unpacked into a local work directory (as the `dir` backend does);
-2. transaction A: every directory of every new layer is created, with its owner,
-   mode and xattrs (`trusted.overlay.opaque` and `user.overlay.opaque` on opaque
-   directories), together with the whole subtree of any directory that carries
-   xattrs and every file that does, and the `.cvmfscatalog` markers (one catalog
-   per layer, in `.layers/<h2>/<h>/` beside `layerfs/` so that containers do not
-   see it, and one per `.layers/<h2>`); publish;
-3. one `ingest -k` of a single tar holding every other entry of every new layer
-   (files, symlinks, devices, FIFOs, whiteouts as 0/0 devices): ingest creates no
-   parent itself, so no directory ends up owned by 65534;
+2. transaction A: every directory of every new layer, with owner, mode and xattrs
+   (the opaque marker among them), the files that carry xattrs, and the
+   `.cvmfscatalog` markers (one catalog per layer, in `.layers/<h2>/<h>/` beside
+   `layerfs/` so that containers do not see it, and one per `.layers/<h2>`); publish;
+3. one `ingest -k` of every other entry of every new layer (files, symlinks,
+   devices, FIFOs, whiteouts as 0/0 devices), read from the work directory;
 4. transaction B: layer records (`layers.json` last: it marks a layer complete)
    and image metadata; publish;
-5. one `ingest -k` of a single tar holding every new flat tree;
-6. transaction C: the podman store, origins and the public links; publish.
+5. one `ingest -k` of every new flat tree: directories, symlinks and made-up files
+   as such, every file from a layer as a hardlink member naming that file, which
+   CVMFS turns into a catalog entry sharing its content (nothing is read or sent
+   twice); the layers were scanned through the client view before it started;
+6. transaction C: the podman stores, origins and the public links; publish.
 
-At most five publishes per run, whatever the number of images, layers and files
-(DUCC needs several per layer). Whiteouts under an opaque directory are dropped
-(the directory already hides everything below it); a directory with xattrs that
-also holds whiteouts cannot be stored and fails the run loudly. Any failure
-aborts the open transaction (`abort -f`), SIGTERM included; what was published
-before stays, incomplete layers lack `layers.json`, and the next run redoes them.
+At most five publishes per run, whatever the number of images, layers and files.
+Reads of published content go through the client view
+(`/var/spool/cvmfs/NAME/rdonly`), never through `/cvmfs/NAME`, and nothing of the
+repository is held open while `cvmfs_server` runs. Any failure aborts the open
+transaction; what was published before stays, incomplete layers lack
+`layers.json`, and the next run redoes them.
 """
 
 from __future__ import annotations
@@ -37,54 +36,54 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import stat
-import subprocess
 import tarfile
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import IO, Any
 
 from ..digest import Digest
-from ..errors import BackendError, LazypodError, RepositoryBusy
+from ..errors import BackendError, RepositoryBusy
 from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERS, Layout
 from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
-from ..unpack import OPAQUE_XATTRS
-from . import TreeSource
+from . import TreeBatch
+from .cvmfs_plan import LayerPlan
+from .cvmfs_server import CvmfsServer, TarContent
 from .staging import LocalLayer
 
-__all__ = ["CvmfsBackend", "CvmfsRun"]
+__all__ = ["CvmfsBackend", "CvmfsConfig", "CvmfsRun"]
 
 log = logging.getLogger(__name__)
 
 CATALOG_MARKER = ".cvmfscatalog"
-ALREADY_OPEN = "another transaction is already open"
-
-
-class Terminated(LazypodError):
-    """SIGTERM arrived; the open transaction is aborted on the way out."""
 
 
 @dataclass
 class CvmfsConfig:
+    """Where a CVMFS repository is on its release manager machine."""
+
     repository: str
-    mount_root: Path = field(
-        default_factory=lambda: Path(os.environ.get("LAZYPOD_CVMFS_MOUNT_ROOT", "/cvmfs")))
-    config_dir: Path = field(
-        default_factory=lambda: Path(os.environ.get("LAZYPOD_CVMFS_CONFIG_DIR", "/etc/cvmfs")))
-    work_dir: Path = field(
-        default_factory=lambda: Path(os.environ.get("LAZYPOD_WORK_DIR", "/var/spool/lazypod")))
+    mount_root: Path = Path("/cvmfs")  # the server view: <mount_root>/<repository>
+    client_root: Path | None = None  # the client view (default /var/spool/cvmfs/NAME/rdonly)
+    config_dir: Path = Path("/etc/cvmfs")
+    work_dir: Path = Path("/var/spool/lazypod")
     public_root: str | None = None
     force: bool = False
+    wait_for_readers: float = 0
     cvmfs_server: str = "cvmfs_server"
 
     @property
     def server_conf(self) -> Path:
         return self.config_dir / "repositories.d" / self.repository / "server.conf"
+
+    @property
+    def server_view(self) -> Path:
+        return self.mount_root / self.repository
+
+    @property
+    def client_view(self) -> Path:
+        return self.client_root or Path("/var/spool/cvmfs") / self.repository / "rdonly"
 
 
 class CvmfsBackend:
@@ -92,14 +91,24 @@ class CvmfsBackend:
 
     def __init__(self, config: CvmfsConfig) -> None:
         self.config = config
-        self.layout = Layout(config.mount_root / config.repository)
+        self.layout = Layout(config.server_view)
         self.public_root = config.public_root or f"/cvmfs/{config.repository}"
+
+    def server(self, work: Path) -> CvmfsServer:
+        views = [self.config.server_view, self.config.client_view]
+        return CvmfsServer(self.config.repository, command=self.config.cvmfs_server,
+                           work_dir=work, watched=views, own_mounts=views,
+                           wait_for_holders=self.config.wait_for_readers)
 
     @contextlib.contextmanager
     def run(self) -> Iterator[CvmfsRun]:
         self._preflight()
         work = self.config.work_dir / self.config.repository
-        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise BackendError(f"cannot create the work directory {work}: {exc.strerror} "
+                               "(choose another with --work-dir)") from None
         lock_fd = os.open(work.parent / f"{self.config.repository}.lock",
                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -112,27 +121,29 @@ class CvmfsBackend:
                 shutil.rmtree(leftover, ignore_errors=True)
             staging = work / f"{os.getpid()}-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o700)
-            run = CvmfsRun(self, staging)
-            with _sigterm_raises():
-                try:
-                    yield run
-                except BaseException:
-                    run.abort_open_transaction()
-                    raise
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+            server = self.server(staging)
+            self._check_health(server)
+            run = CvmfsRun(self, server, staging)
+            try:
+                yield run
+            except BaseException:
+                run.abort_open_transaction()
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             os.close(lock_fd)
 
     def _preflight(self) -> None:
-        if shutil.which(self.config.cvmfs_server) is None:
+        config = self.config
+        if shutil.which(config.cvmfs_server) is None:
             raise BackendError("cvmfs_server is not installed: the cvmfs backend runs on the "
                                "repository's release manager machine")
-        conf = self.config.server_conf
+        conf = config.server_conf
         try:
             text = conf.read_text()
         except OSError:
-            raise BackendError(f"{conf} is missing: is {self.config.repository} a CVMFS "
+            raise BackendError(f"{conf} is missing: is {config.repository} a CVMFS "
                                "repository on this machine?") from None
         settings = dict(
             line.split("=", 1) for line in text.splitlines()
@@ -141,25 +152,23 @@ class CvmfsBackend:
         if settings.get("CVMFS_INCLUDE_XATTRS", "").strip().strip("\"'") != "true":
             raise BackendError(f"{conf} must say CVMFS_INCLUDE_XATTRS=true (overlay opaque "
                                "directories and file xattrs are stored as xattrs): add that line")
-        if not self.layout.root.is_dir():
-            raise BackendError(f"{self.layout.root} is not mounted")
+        for view, what in ((config.server_view, "server view"),
+                           (config.client_view, "client view")):
+            if not view.is_dir():
+                raise BackendError(f"{view} ({what} of {config.repository}) is not mounted: "
+                                   f"run `cvmfs_server mount {config.repository}`")
+        cwd = os.getcwd()
+        for view in (config.server_view, config.client_view):
+            if cwd == str(view) or cwd.startswith(f"{view}/"):
+                raise BackendError(f"the current directory is in {view}: cvmfs_server cannot "
+                                   "publish while it is; cd elsewhere and rerun")
 
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into an exception, so transactions are aborted on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated("terminated by SIGTERM; the open transaction was aborted")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _check_health(self, server: CvmfsServer) -> None:
+        status = server.status()
+        if "unhealthy" in status and "in transaction" not in status:
+            raise BackendError(f"{self.config.repository} is unhealthy (`cvmfs_server list`: "
+                               f"{status.strip()}): repair it with `cvmfs_server mount "
+                               f"{self.config.repository}` and rerun")
 
 
 @dataclass
@@ -173,98 +182,47 @@ class _PendingLayer:
 class CvmfsRun:
     """One run's writes into a CVMFS repository, in at most five publishes."""
 
-    def __init__(self, backend: CvmfsBackend, staging: Path) -> None:
-        self._backend = backend
+    def __init__(self, backend: CvmfsBackend, server: CvmfsServer, staging: Path) -> None:
         self._config = backend.config
         self.layout = backend.layout
+        self.read_layout = Layout(backend.config.client_view)
         self.public_root = backend.public_root
+        self._server = server
         self._staging = staging
         self._pending_layers: list[_PendingLayer] = []
-        self._buffered: list[Callable[[], None]] = []
+        self._buffered: list[Callable[[], None]] = []  # writes that wait for transaction B
         self._flushed = False
         self._in_transaction = False
-        self.publishes = 0
 
-    # -- cvmfs_server ----------------------------------------------------------
+    @property
+    def publishes(self) -> int:
+        return self._server.counts["publish"]
 
-    def _server(self, *args: str, stdin: IO[bytes] | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        cmd = [self._config.cvmfs_server, *args]
-        log.debug("running %s", " ".join(cmd))
-        proc = subprocess.run(cmd, stdin=stdin, capture_output=True, check=False)
-        if check and proc.returncode != 0:
-            message = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-            raise BackendError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): "
-                               f"{message.splitlines()[-1] if message else 'no message'}")
-        return proc
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._server.counts)
+
+    # -- transactions ------------------------------------------------------------
 
     def _open_transaction(self) -> None:
-        repo = self._config.repository
-        proc = self._server("transaction", repo, check=False)
-        if proc.returncode != 0 and ALREADY_OPEN in (proc.stderr + proc.stdout).decode():
-            if not self._config.force:
-                raise BackendError(f"a transaction is already open on {repo} (another "
-                                   "process, or an interrupted one): finish it, or rerun with "
-                                   "--force to abort it")
-            log.warning("aborting the transaction found open on %s (--force)", repo)
-            self._server("abort", "-f", repo)
-            proc = self._server("transaction", repo, check=False)
-        if proc.returncode != 0:
-            message = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-            raise BackendError(f"cannot open a transaction on {repo}: {message}")
+        self._server.transaction(force=self._config.force)
         self._in_transaction = True
 
     def _publish(self) -> None:
-        self._server("publish", self._config.repository)
+        self._server.publish()
         self._in_transaction = False
-        self.publishes += 1
 
     def abort_open_transaction(self) -> None:
+        """Abort the transaction this run opened (never one found open: not ours)."""
         if self._in_transaction:
             log.warning("aborting the open transaction on %s", self._config.repository)
-            self._server("abort", "-f", self._config.repository, check=False)
             self._in_transaction = False
+            self._server.abort()
 
-    def _ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, Any]]) -> None:
-        """One `cvmfs_server ingest -k` of a tar streamed from `members`."""
+    def _ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, TarContent]]) -> None:
         if self._in_transaction:
             self._publish()
-        cmd = [self._config.cvmfs_server, "ingest", "-k", "-t", "-", "-b", base,
-               self._config.repository]
-        self._in_transaction = True  # ingest opens one of its own: abort it if we stop
-        log.debug("running %s", " ".join(cmd))
-        # Output goes to a file: a pipe could fill up while we are still writing the tar.
-        with tempfile.TemporaryFile() as output:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=output,
-                                    stderr=subprocess.STDOUT)
-            assert proc.stdin is not None
-            try:
-                with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT,
-                                  encoding="utf-8", errors="surrogateescape") as tar:
-                    for info, content in members:
-                        tar.addfile(info, content)
-                        if content is not None:
-                            content.close()
-            except BrokenPipeError:
-                pass  # cvmfs_server stopped reading: its exit status says why
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            finally:
-                with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.close()
-            proc.wait()
-            output.seek(0)
-            message = output.read().decode(errors="replace").strip()
-        self._in_transaction = False
-        if proc.returncode != 0:
-            # A failed ingest may leave its own transaction open.
-            self._server("abort", "-f", self._config.repository, check=False)
-            raise BackendError(f"cvmfs_server ingest into {base} failed "
-                               f"(exit {proc.returncode}): "
-                               f"{message.splitlines()[-1] if message else 'no message'}")
-        self.publishes += 1
+        self._server.ingest(base, members)
 
     def _write(self, action: Callable[[], None]) -> None:
         """Run a write inside the current transaction (opened when needed); before
@@ -300,7 +258,7 @@ class CvmfsRun:
         buffered writes, so the repository reads as complete from here on."""
         layers = self._pending_layers
         if layers:
-            plans = [_LayerPlan.make(layer) for layer in layers]
+            plans = [LayerPlan.make(layer.digest, layer.local / "layerfs") for layer in layers]
             self._open_transaction()
             try:
                 self._write_skeletons(plans)
@@ -308,7 +266,9 @@ class CvmfsRun:
                 raise BackendError(f"writing layer directories into {self.layout.root} "
                                    f"failed: {exc}") from None
             self._publish()
-            self._ingest(LAYERS, _layer_members(plans))
+            self._ingest(LAYERS, chain.from_iterable(
+                plan.members(f"{plan.digest.hex[:2]}/{plan.digest.hex}/layerfs")
+                for plan in plans))
         self._flushed = True
         for layer in layers:
             self._write(functools.partial(self._write_layer_metadata, layer))
@@ -316,13 +276,13 @@ class CvmfsRun:
         for action in buffered:
             self._write(action)
 
-    def _write_skeletons(self, plans: list[_LayerPlan]) -> None:
+    def _write_skeletons(self, plans: list[LayerPlan]) -> None:
         root = self.layout.root
         for base in (LAYERS, FLAT):
             _mkdir(root / base, 0o755)
         _touch(root / LAYERS / CATALOG_MARKER)
         for plan in plans:
-            digest = plan.layer.digest
+            digest = plan.digest
             prefix_dir = root / LAYERS / digest.hex[:2]
             _mkdir(prefix_dir, 0o755)
             _touch(prefix_dir / CATALOG_MARKER)
@@ -349,7 +309,10 @@ class CvmfsRun:
             self.flush()
         if self._in_transaction:
             self._publish()
-        log.info("cvmfs: %d publishes into %s", self.publishes, self._config.repository)
+        counts = self._server.counts
+        log.info("cvmfs: %d publishes into %s (%d transactions, %d ingests)",
+                 counts["publish"], self._config.repository, counts["transaction"],
+                 counts["ingest"])
 
     # -- TreeWriter ----------------------------------------------------------
 
@@ -405,14 +368,19 @@ class CvmfsRun:
         """Clients cannot share locks with the publisher: the transaction is the lock."""
         yield
 
-    def add_trees(self, trees: Mapping[str, TreeSource]) -> None:
-        """All new flat trees in one ingest (explicit directory entries for every
-        parent below `.flat`, so ingest creates none with owner 65534)."""
-        if not trees:
+    def add_trees(self, batch: TreeBatch) -> None:
+        """All new flat trees in one ingest at the repository root (their files are
+        hardlink members naming the layers' files). Explicit directory entries for
+        every parent below `.flat`, so ingest creates none with owner 65534."""
+        if not len(batch):
             return
         if not self._path(FLAT).is_dir():
             self._write(lambda: _mkdir(self._path(FLAT), 0o755))
-        self._ingest(FLAT, _flat_members(trees))
+        for rel in batch.rels():  # leftovers of a tree that never completed
+            if self._path(rel).exists():
+                self.remove(rel)
+        batch.prefetch()  # the client view is read now, not while cvmfs_server runs
+        self._ingest("/", _flat_members(batch, self.read_layout.root))
 
 
 class CvmfsStagedLayer(LocalLayer):
@@ -427,214 +395,29 @@ class CvmfsStagedLayer(LocalLayer):
         self._run._add_pending(_PendingLayer(self.digest, self.path, record, whiteouts))
 
 
-# -- planning a layer's two paths into CVMFS ------------------------------------------------
-
-@dataclass
-class _LayerPlan:
-    """Which entries of a local layer go through the transaction, which through ingest."""
-
-    layer: _PendingLayer
-    directories: list[bytes]  # every directory, parents first ("" is the layer root)
-    transaction_roots: list[bytes]  # subtrees written whole inside the transaction
-    transaction_files: list[bytes]  # single non-directories with xattrs
-
-    @classmethod
-    def make(cls, layer: _PendingLayer) -> _LayerPlan:
-        root = os.fsencode(layer.local / "layerfs")
-        opaque = set(layer.whiteouts.opaque_dirs)
-        directories: list[bytes] = [b""]
-        roots: list[bytes] = []
-        files: list[bytes] = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel_dir = os.path.relpath(dirpath, root)
-            rel_dir = b"" if rel_dir == b"." else rel_dir
-            keep = []
-            for name in sorted(dirnames):
-                rel = os.path.join(rel_dir, name) if rel_dir else name
-                if rel in opaque or _has_xattrs(os.path.join(dirpath, name)):
-                    roots.append(rel)
-                    _check_storable(root, rel, opaque)
-                else:
-                    directories.append(rel)
-                    keep.append(name)
-            dirnames[:] = keep
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                if not os.path.islink(full) and _has_xattrs(full):
-                    files.append(os.path.join(rel_dir, name) if rel_dir else name)
-        return cls(layer, directories, roots, files)
-
-    def write_transaction_part(self, layerfs: Path) -> None:
-        """Inside the open transaction: every directory, the xattr subtrees, the
-        files with xattrs (hardlinks become copies, as CVMFS keeps them)."""
-        source = os.fsencode(self.layer.local / "layerfs")
-        dest = os.fsencode(layerfs)
-        for rel in self.directories:
-            src = os.path.join(source, rel) if rel else source
-            dst = os.path.join(dest, rel) if rel else dest
-            if rel:
-                os.mkdir(dst, 0o700)
-            _copy_meta(src, dst)
-        for rel in self.transaction_roots:
-            _copy_tree(os.path.join(source, rel), os.path.join(dest, rel))
-        for rel in self.transaction_files:
-            _copy_entry(os.path.join(source, rel), os.path.join(dest, rel))
-        for rel in self.directories:  # times last: creating children changed them
-            src = os.path.join(source, rel) if rel else source
-            st = os.lstat(src)
-            os.utime(os.path.join(dest, rel) if rel else dest,
-                     ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _check_storable(root: bytes, rel: bytes, opaque: set[bytes]) -> None:
-    """Whiteouts under an opaque directory are redundant (dropped); under a directory
-    that only has other xattrs they would need ingest, which CVMFS cannot combine."""
-    if rel in opaque:
-        return
-    for dirpath, _dirs, files in os.walk(os.path.join(root, rel)):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                raise BackendError(
-                    f"directory {os.fsdecode(rel)!r} of layer has xattrs and holds whiteouts: "
-                    "CVMFS can store the first only in a transaction and the second only "
-                    "through ingest"
-                )
-
-
-def _layer_members(plans: list[_LayerPlan]) -> Iterator[tuple[tarfile.TarInfo, Any]]:
-    """Every entry of every layer that ingest must bring: no directories (they exist),
-    nothing below transaction subtrees, whiteouts as 0/0 devices."""
-    for plan in plans:
-        digest = plan.layer.digest
-        prefix = f"{digest.hex[:2]}/{digest.hex}/layerfs"
-        root = os.fsencode(plan.layer.local / "layerfs")
-        skip = set(plan.transaction_roots) | set(plan.transaction_files)
-        seen: dict[tuple[int, int], str] = {}
-        for rel_dir in plan.directories:
-            directory = os.path.join(root, rel_dir) if rel_dir else root
-            for name in sorted(os.listdir(directory)):
-                rel = os.path.join(rel_dir, name) if rel_dir else name
-                full = os.path.join(directory, name)
-                st = os.lstat(full)
-                if stat.S_ISDIR(st.st_mode) or rel in skip:
-                    continue
-                yield _tar_entry(f"{prefix}/{os.fsdecode(rel)}", full, st, seen)
-
-
-def _tar_entry(name: str, full: bytes, st: os.stat_result,
-               seen: dict[tuple[int, int], str]) -> tuple[tarfile.TarInfo, Any]:
-    info = tarfile.TarInfo(name)
-    info.mode = stat.S_IMODE(st.st_mode)
-    info.uid, info.gid = st.st_uid, st.st_gid
-    info.uname = info.gname = ""
-    info.mtime = st.st_mtime_ns / 1e9
-    kind = stat.S_IFMT(st.st_mode)
-    key = (st.st_dev, st.st_ino)
-    if stat.S_ISREG(kind):
-        if st.st_nlink > 1 and key in seen:
-            info.type = tarfile.LNKTYPE
-            info.linkname = seen[key]
-            return info, None
-        seen[key] = name
-        info.size = st.st_size
-        return info, open(full, "rb")
-    if stat.S_ISLNK(kind):
-        info.type = tarfile.SYMTYPE
-        info.linkname = os.fsdecode(os.readlink(full))
-    elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
-        info.type = tarfile.CHRTYPE if stat.S_ISCHR(kind) else tarfile.BLKTYPE
-        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    elif stat.S_ISFIFO(kind):
-        info.type = tarfile.FIFOTYPE
-    return info, None
-
-
-def _flat_members(trees: Mapping[str, TreeSource]) -> Iterator[tuple[tarfile.TarInfo, Any]]:
+def _flat_members(batch: TreeBatch, published: Path) -> Iterator[tuple[tarfile.TarInfo,
+                                                                       TarContent]]:
     parents_done: set[str] = set()
-    for rel, tree in trees.items():
-        under_flat = rel.removeprefix(f"{FLAT}/")
-        parent = under_flat.rsplit("/", 1)[0]
+    for rel, tree in batch:
+        parent = rel.rsplit("/", 1)[0]
         if parent not in parents_done:
             parents_done.add(parent)
-            info = tarfile.TarInfo(parent)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            yield info, None
+            if not (published / parent).is_dir():
+                info = tarfile.TarInfo(parent)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                yield info, None
             yield _marker(f"{parent}/{CATALOG_MARKER}")
-        for info, source, data in tree.tar_members(under_flat):
-            if source is not None:
-                yield info, open(source, "rb")  # noqa: SIM115 (closed by the ingest writer)
-            else:
-                yield info, _BytesReader(data or b"") if info.isreg() else None
-        yield _marker(f"{under_flat}/{CATALOG_MARKER}")
+        yield from tree.tar_members(rel)
+        yield _marker(f"{rel}/{CATALOG_MARKER}")
 
 
-def _marker(name: str) -> tuple[tarfile.TarInfo, Any]:
+def _marker(name: str) -> tuple[tarfile.TarInfo, TarContent]:
     info = tarfile.TarInfo(name)
     info.mode = 0o644
-    return info, _BytesReader(b"")
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self, n: int = -1) -> bytes:
-        data, self._data = (self._data, b"") if n < 0 else (self._data[:n], self._data[n:])
-        return data
-
-    def close(self) -> None:
-        pass
+    return info, b""
 
 
 # -- file system helpers (inside a transaction) ----------------------------------------------
-
-def _has_xattrs(path: bytes) -> bool:
-    try:
-        return bool(os.listxattr(path, follow_symlinks=False))
-    except OSError:
-        return False
-
-
-def _copy_meta(src: bytes, dst: bytes) -> None:
-    st = os.lstat(src)
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-        for name in os.listxattr(src, follow_symlinks=False):
-            if name in OPAQUE_XATTRS or not name.startswith("trusted.overlay."):
-                os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
-                            follow_symlinks=False)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _copy_entry(src: bytes, dst: bytes) -> None:
-    st = os.lstat(src)
-    kind = stat.S_IFMT(st.st_mode)
-    if stat.S_ISREG(kind):
-        shutil.copyfile(src, dst, follow_symlinks=False)
-    elif stat.S_ISLNK(kind):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISCHR(kind) and st.st_rdev == 0:
-        return  # a whiteout under an opaque directory: the directory hides it already
-    elif stat.S_ISDIR(kind):
-        os.mkdir(dst, 0o700)
-    else:
-        os.mknod(dst, st.st_mode, st.st_rdev)
-    _copy_meta(src, dst)
-
-
-def _copy_tree(src: bytes, dst: bytes) -> None:
-    _copy_entry(src, dst)
-    for name in sorted(os.listdir(src)):
-        child = os.path.join(src, name)
-        if stat.S_ISDIR(os.lstat(child).st_mode):
-            _copy_tree(child, os.path.join(dst, name))
-        else:
-            _copy_entry(child, os.path.join(dst, name))
-    st = os.lstat(src)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-
 
 def _mkdir(path: Path, mode: int) -> None:
     with contextlib.suppress(FileExistsError):

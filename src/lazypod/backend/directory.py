@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..digest import Digest
@@ -25,7 +25,7 @@ from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..fsutil import make_dirs
 from ..layout import LOCK, STAGING, Layout
 from ..repository import WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
-from . import TreeSource
+from . import TreeBatch
 from .staging import LocalLayer
 
 __all__ = ["DirectoryBackend", "DirectoryRun"]
@@ -112,10 +112,11 @@ class DirectoryRun:
 
     def __init__(self, layout: Layout, public_root: str, staging: Path) -> None:
         self.layout = layout
+        self.read_layout = layout
         self.public_root = public_root
         self._staging = staging
         self._counter = itertools.count()
-        self.publishes = 0
+        self._commits = 0
 
     def _temp(self, hint: str) -> Path:
         return self._staging / f"{next(self._counter)}-{hint}"
@@ -216,15 +217,19 @@ class DirectoryRun:
             for fd in fds:
                 os.close(fd)
 
-    def add_trees(self, trees: Mapping[str, TreeSource]) -> None:
-        for rel, tree in trees.items():
+    def add_trees(self, batch: TreeBatch) -> None:
+        for rel, tree in batch:
             self.replace_dir(rel, tree.materialize)
 
     def flush(self) -> None:
         """Every write of the dir backend is already in place."""
 
     def commit(self) -> None:
-        self.publishes += 1
+        self._commits += 1
+
+    @property
+    def publishes(self) -> int:
+        return self._commits
 
 
 @contextlib.contextmanager

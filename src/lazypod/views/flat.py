@@ -1,292 +1,32 @@
 """Flat root file systems (`.flat/<c2>/<c>/`) and the public links to them.
 
-A flat tree is the image's layers merged as overlayfs would merge them, plus what
-Apptainer/Singularity expect of a sandbox directory (`.singularity.d/` with the
-image's environment and run script, and the usual mount points). Layers are read
-from the repository; whiteouts are honoured in every form a repository may hold
-them: overlay 0/0 character devices and opaque xattrs, AUFS `.wh.` files (DUCC's
-layers), and the layer's `whiteouts.json` (a CVMFS publisher's own view hides
-overlay whiteouts).
-
-The merged tree is handed to the backend as a `FlatTree`, which the `dir`
-backend materialises as a directory and the `cvmfs` backend streams as one tar
-into `cvmfs_server ingest`. In a directory, a flat tree's files are hardlinks to
-the layers' files: a flat tree costs no space and one system call per file
-(copying them doubled the repository and the conversion time). The price, noted
-in the README: a file's link count, as a container sees it, is one higher than
-after a podman pull.
+A flat tree is the image's layers merged as overlayfs would merge them
+(`flat_tree`), plus what Apptainer/Singularity expect of a sandbox directory
+(`.singularity.d/` with the image's environment and run script, and the usual
+mount points). Trees are built one image at a time, from one scan per layer and
+run, and handed to the backend as a `FlatBatch`: the `dir` backend writes each as
+a directory of hardlinks to the layers' files, the `cvmfs` backend streams them as
+one tar of hardlink members into `cvmfs_server ingest`. The price of hardlinks,
+noted in the README: a file's link count, as a container sees it, is one higher
+than after a podman pull, and a flat tree must not be written to (`--rootfs DIR:O`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import functools
 import json
-import os
 import shlex
-import shutil
 import stat
-import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from ..backend import TreeWriter
-from ..fsutil import UMASK
+from ..digest import Digest
 from ..manifest import ImageConfig
-from ..repository import ImageRecord, LayerWhiteouts, RepositoryState
-from ..unpack import OPAQUE_XATTRS
+from ..repository import ImageRecord, RepositoryState
+from .flat_tree import FlatTree, LayerScans, Node, build_tree
 
-__all__ = ["FlatTree", "merge_layers", "render_flat"]
-
-_AUFS_OPAQUE = b".wh..wh..opq"
-_AUFS_META = b".wh..wh."
-_AUFS_PREFIX = b".wh."
-_SKIPPED_XATTRS = ("trusted.overlay.", "user.overlay.")
-
-
-@dataclass
-class Node:
-    """One entry of the merged tree: read from `source`, or made from `data`."""
-
-    st_mode: int
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    source: bytes | None = None  # absolute path in a layer
-    data: bytes | None = None  # synthetic file content
-    target: bytes = b""  # synthetic symlink target
-    rdev: int = 0
-    inode: tuple[int, int] | None = None  # of the source, when it has other links
-    children: dict[bytes, Node] = field(default_factory=dict)
-
-    @classmethod
-    def from_source(cls, path: bytes, st: os.stat_result) -> Node:
-        inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) else None
-        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, source=path,
-                   rdev=st.st_rdev, inode=inode)
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.st_mode)
-
-
-class FlatTree:
-    """A merged image tree, ready to be written as a directory or a tar stream."""
-
-    def __init__(self) -> None:
-        self.root = Node(stat.S_IFDIR | 0o755)
-
-    # -- building --------------------------------------------------------------
-
-    def lookup(self, path: bytes) -> Node | None:
-        node = self.root
-        for part in _parts(path):
-            child = node.children.get(part)
-            if child is None:
-                return None
-            node = child
-        return node
-
-    def remove(self, path: bytes) -> None:
-        parts = _parts(path)
-        parent = self.lookup(b"/".join(parts[:-1])) if parts else None
-        if parent is not None and parent.is_dir:
-            parent.children.pop(parts[-1], None)
-
-    def put(self, path: bytes, node: Node) -> None:
-        parts = _parts(path)
-        if not parts:
-            node.children = self.root.children
-            self.root = node
-            return
-        parent = self.root
-        for part in parts[:-1]:
-            child = parent.children.get(part)
-            if child is None or not child.is_dir:
-                child = parent.children[part] = Node(stat.S_IFDIR | 0o755)
-            parent = child
-        existing = parent.children.get(parts[-1])
-        if existing is not None and existing.is_dir and node.is_dir:
-            node.children = existing.children  # an upper directory merges with the lower
-        parent.children[parts[-1]] = node
-
-    def walk(self) -> Iterator[tuple[bytes, Node]]:
-        """(relative path, node), parents before children, in name order."""
-        stack: list[tuple[bytes, Node]] = [(b"", self.root)]
-        while stack:
-            path, node = stack.pop()
-            yield path, node
-            for name in sorted(node.children, reverse=True):
-                stack.append((path + b"/" + name if path else name, node.children[name]))
-
-    # -- writing ---------------------------------------------------------------
-
-    def materialize(self, dest: Path) -> None:
-        """Write the tree into the empty directory `dest`: files are hardlinks to the
-        layers' files (copies where the file system refuses)."""
-        dest_b = os.fsencode(dest)
-        dirs: list[tuple[bytes, Node, int | None]] = []
-        copies: dict[tuple[int, int], bytes] = {}  # layer inode -> its copy here
-        root = os.geteuid() == 0
-        for rel, node in self.walk():
-            path = os.path.join(dest_b, rel) if rel else dest_b
-            kind = stat.S_IFMT(node.st_mode)
-            if stat.S_ISDIR(kind):
-                created = None
-                if rel:  # root writes anywhere: the final mode at once saves a chmod
-                    mode = stat.S_IMODE(node.st_mode) & 0o777 if root else 0o700
-                    os.mkdir(path, mode)
-                    created = mode & ~UMASK
-                dirs.append((path, node, created))
-                continue
-            if stat.S_ISREG(kind) and node.source is not None:
-                if node.inode is not None and node.inode in copies:
-                    os.link(copies[node.inode], path)
-                    continue
-                try:
-                    os.link(node.source, path, follow_symlinks=False)
-                    continue  # owner, mode, times and xattrs are the layer file's
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                        raise
-                shutil.copyfile(node.source, path, follow_symlinks=False)
-                if node.inode is not None:
-                    copies[node.inode] = path
-            elif stat.S_ISREG(kind):
-                with open(path, "wb") as f:
-                    f.write(node.data or b"")
-            elif stat.S_ISLNK(kind):
-                os.symlink(os.readlink(node.source) if node.source else node.target, path)
-            else:
-                os.mknod(path, node.st_mode, node.rdev)
-            _apply_meta(path, node)
-        for path, node, created in reversed(dirs):
-            _apply_meta(path, node, created)
-
-    def tar_members(
-        self, prefix: str
-    ) -> Iterator[tuple[tarfile.TarInfo, bytes | None, bytes | None]]:
-        """(header, path to read the content from, or the content) for every entry, with
-        names under `prefix`; hardlink identity is not kept (CVMFS would break it)."""
-        for rel, node in self.walk():
-            name = f"{prefix}/{os.fsdecode(rel)}" if rel else prefix
-            info = tarfile.TarInfo(name)
-            kind = stat.S_IFMT(node.st_mode)
-            info.mode = stat.S_IMODE(node.st_mode)
-            info.uid, info.gid = node.uid, node.gid
-            info.mtime = node.mtime_ns // 10**9
-            source: bytes | None = None
-            if stat.S_ISDIR(kind):
-                info.type = tarfile.DIRTYPE
-            elif stat.S_ISREG(kind):
-                info.type = tarfile.REGTYPE
-                if node.source is not None:
-                    info.size = os.lstat(node.source).st_size
-                    source = node.source
-                else:
-                    info.size = len(node.data or b"")
-            elif stat.S_ISLNK(kind):
-                info.type = tarfile.SYMTYPE
-                target = os.readlink(node.source) if node.source else node.target
-                info.linkname = os.fsdecode(target)
-            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
-                info.type = tarfile.CHRTYPE if stat.S_ISCHR(kind) else tarfile.BLKTYPE
-                info.devmajor, info.devminor = os.major(node.rdev), os.minor(node.rdev)
-            elif stat.S_ISFIFO(kind):
-                info.type = tarfile.FIFOTYPE
-            yield info, source, node.data if source is None else None
-
-
-def _apply_meta(path: bytes, node: Node, created: int | None = None) -> None:
-    """Owner, mode, xattrs and times; `created` is the mode the entry was made with."""
-    if os.geteuid() == 0 and (node.uid or node.gid):  # root's new entries are root's
-        os.chown(path, node.uid, node.gid, follow_symlinks=False)
-    if not stat.S_ISLNK(node.st_mode):
-        if created is None or stat.S_IMODE(node.st_mode) != created:
-            os.chmod(path, stat.S_IMODE(node.st_mode))
-        if node.source is not None:
-            _copy_xattrs(node.source, path)
-    os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
-
-
-def _copy_xattrs(source: bytes, dest: bytes) -> None:
-    with contextlib.suppress(OSError):
-        for name in os.listxattr(source, follow_symlinks=False):
-            if not name.startswith(_SKIPPED_XATTRS):
-                os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False),
-                            follow_symlinks=False)
-
-
-def _parts(path: bytes) -> list[bytes]:
-    return [p for p in path.split(b"/") if p and p != b"."]
-
-
-# -- merging layers ---------------------------------------------------------------------
-
-def merge_layers(layerfs_dirs: list[Path], records: list[LayerWhiteouts | None]) -> FlatTree:
-    """Merge layers bottom to top, as overlayfs shows them."""
-    tree = FlatTree()
-    for layerfs, record in zip(layerfs_dirs, records, strict=True):
-        entries, whiteouts, opaque = _scan_layer(os.fsencode(layerfs))
-        if record is not None:
-            whiteouts += list(record.whiteouts)
-            opaque += list(record.opaque_dirs)
-        for directory in opaque:  # everything below came from the lower layers
-            node = tree.lookup(directory)
-            if node is not None and node.is_dir:
-                node.children = {}
-        for path in whiteouts:
-            tree.remove(path)
-        for rel, node in entries:
-            existing = tree.lookup(rel)
-            if existing is not None and existing.is_dir and not node.is_dir:
-                tree.remove(rel)
-            tree.put(rel, node)
-    return tree
-
-
-def _scan_layer(root: bytes) -> tuple[list[tuple[bytes, Node]], list[bytes], list[bytes]]:
-    entries: list[tuple[bytes, Node]] = []
-    whiteouts: list[bytes] = []
-    opaque: list[bytes] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = b"" if rel_dir == b"." else rel_dir
-        if rel_dir and _is_opaque(dirpath):
-            opaque.append(rel_dir)
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.join(rel_dir, name) if rel_dir else name
-            if name == _AUFS_OPAQUE:
-                opaque.append(rel_dir)
-                continue
-            if name.startswith(_AUFS_META):
-                continue
-            if name.startswith(_AUFS_PREFIX):
-                hidden = name[len(_AUFS_PREFIX):]
-                whiteouts.append(os.path.join(rel_dir, hidden) if rel_dir else hidden)
-                continue
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                # Listed but not there: an overlay whiteout as a CVMFS server's own
-                # overlay shows it; the layer's whiteouts.json has it.
-                continue
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                whiteouts.append(rel)
-                continue
-            entries.append((rel, Node.from_source(full, st)))
-        dirnames[:] = [d for d in dirnames if not d.startswith(_AUFS_META)]
-    return entries, whiteouts, opaque
-
-
-def _is_opaque(path: bytes) -> bool:
-    for name in OPAQUE_XATTRS:
-        with contextlib.suppress(OSError):
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-    return False
+__all__ = ["FlatBatch", "FlatReport", "apptainer_files", "render_flat"]
 
 
 # -- Apptainer / Singularity ---------------------------------------------------------------
@@ -362,10 +102,49 @@ class FlatReport:
     links: int = 0
 
 
+class FlatBatch:
+    """The flat trees a run adds, built one image at a time as the backend asks."""
+
+    def __init__(self, state: RepositoryState, writer: TreeWriter,
+                 todo: list[tuple[str, ImageRecord]]) -> None:
+        # Images that share layers one after the other: a layer's scan is let go soon.
+        self._todo = sorted(todo, key=lambda item: [d.hex for d in _layers(item[1])])
+        self._state = state
+        self._read_layout = writer.read_layout
+        self._scans = LayerScans(writer.read_layout,
+                                 [d for _, image in self._todo for d in set(_layers(image))])
+
+    def __len__(self) -> int:
+        return len(self._todo)
+
+    def rels(self) -> list[str]:
+        return [rel for rel, _ in self._todo]
+
+    def prefetch(self) -> None:
+        """Read every layer the trees need now, so that writing them reads nothing
+        from the repository (the cvmfs backend must hold no file of the repository
+        open while cvmfs_server runs)."""
+        self._scans.prefetch()
+
+    def __iter__(self) -> Iterator[tuple[str, FlatTree]]:
+        for rel, image in self._todo:
+            assert image.config is not None
+            layers = _layers(image)
+            tree = build_tree(self._scans, layers, self._read_layout, self._state.layout,
+                              functools.partial(add_apptainer_metadata, config=image.config))
+            yield rel, tree
+            for digest in set(layers):
+                self._scans.release(digest)
+
+
+def _layers(image: ImageRecord) -> list[Digest]:
+    return [b.digest for b in image.manifest.layers if not b.is_foreign]
+
+
 def render_flat(
     state: RepositoryState, writer: TreeWriter, warn: Callable[[str], None]
 ) -> FlatReport:
-    """Write missing flat trees (all in one batch) and the public links to them."""
+    """Write missing flat trees and the public links to them."""
     report = FlatReport()
     wanted: dict[str, ImageRecord] = {}
     for image in state.images:
@@ -375,12 +154,10 @@ def render_flat(
             continue
         assert image.config is not None
         wanted.setdefault(state.layout.flat_rel(image.config.digest), image)
-    missing: dict[str, FlatTree] = {}
-    for rel, image in wanted.items():
-        if not (state.layout.root / rel / ".singularity.d").is_dir():
-            missing[rel] = _build(state, image)
+    missing = [(rel, image) for rel, image in wanted.items()
+               if not (state.layout.root / rel / ".singularity.d").is_dir()]
     if missing:
-        writer.add_trees(missing)
+        writer.add_trees(FlatBatch(state, writer, missing))
     report.images, report.added = len(wanted), len(missing)
     for image in state.images:
         if image.config is None or state.layout.flat_rel(image.config.digest) not in wanted:
@@ -405,15 +182,3 @@ def _why_no_flat(state: RepositoryState, image: ImageRecord) -> str | None:
         if record is None or not record.complete:
             return f"layer {blob.digest.short} is missing"
     return None
-
-
-def _build(state: RepositoryState, image: ImageRecord) -> FlatTree:
-    assert image.config is not None
-    blobs = [b for b in image.manifest.layers if not b.is_foreign]
-    tree = merge_layers(
-        [state.layout.layerfs(b.digest) for b in blobs],
-        [LayerWhiteouts.read(state.layout.layer_dir(b.digest)) for b in blobs],
-    )
-    add_apptainer_metadata(tree, image.config)
-    return tree
-

@@ -1,0 +1,405 @@
+"""An image's layers merged into one tree, as overlayfs shows them, and written out.
+
+Layers are read through `securepath.walk_layer` (never through a symlink found in
+a layer: an image's `var/run -> /run` or `dev/fd -> /proc/self/fd` is an entry of
+the tree, not a way into the publisher's host). Each layer is scanned once per run
+(`LayerScans`) and its scan shared by every image that uses the layer; the merged
+tree of one image lives only while that image is written.
+
+Whiteouts are honoured in every form a repository may hold them: overlay 0/0
+character devices and opaque xattrs, AUFS `.wh.` files (DUCC's layers), and the
+layer's `whiteouts.json`.
+
+Writing: into a directory, a tree's files are hardlinks to the layers' files (no
+space, one system call per file); into a tar for `cvmfs_server ingest`, they are
+hardlink members naming the layers' files in the repository, which CVMFS turns
+into catalog entries sharing the content (no file content is read or sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..digest import Digest
+from ..fsutil import UMASK
+from ..layout import Layout
+from ..overlay import (
+    AUFS_META_PREFIX,
+    AUFS_OPAQUE,
+    AUFS_PREFIX,
+    OPAQUE_XATTRS,
+    RESERVED_XATTR_PREFIXES,
+    is_whiteout,
+)
+from ..repository import LayerWhiteouts
+from ..securepath import LayerDir, walk_layer
+
+__all__ = ["FlatTree", "LayerScan", "LayerScans", "Node", "merge_layers", "scan_layer"]
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class Node:
+    """One entry of a tree: from a layer (`layer`, `path`), or made up (`data`)."""
+
+    st_mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    layer: str = ""  # hex digest of the source layer; "" for made-up entries
+    path: bytes = b""  # its path in that layer
+    data: bytes | None = None  # a made-up file's content
+    target: bytes = b""  # a symlink's target
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    inode: int = 0  # the source's inode number when it has other links in its layer
+    children: dict[bytes, Node] | None = None  # directories of a merged tree
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st_mode)
+
+
+@dataclass
+class LayerScan:
+    """What one layer holds: its entries (parents first), what it deletes below it."""
+
+    digest: Digest
+    entries: list[Node] = field(default_factory=list)
+    whiteouts: list[bytes] = field(default_factory=list)
+    opaque: list[bytes] = field(default_factory=list)
+
+
+def scan_layer(layerfs: Path, digest: Digest, record: LayerWhiteouts | None) -> LayerScan:
+    """Read a layer through the door; `record` adds whiteouts a view may hide."""
+    scan = LayerScan(digest)
+    hexdigest = digest.hex
+    aufs_meta = b""  # an AUFS bookkeeping directory being skipped
+    for entry in walk_layer(layerfs, xattrs="special"):
+        path = entry.path
+        if not path:
+            if _opaque_marker(entry.xattrs):
+                scan.opaque.append(b"")
+            continue
+        if aufs_meta and path.startswith(aufs_meta):
+            continue
+        parent, _, name = path.rpartition(b"/")
+        if name.startswith(AUFS_PREFIX):
+            if name == AUFS_OPAQUE:
+                scan.opaque.append(parent)
+            elif name.startswith(AUFS_META_PREFIX):
+                aufs_meta = path + b"/"
+            else:
+                hidden = name[len(AUFS_PREFIX):]
+                scan.whiteouts.append(parent + b"/" + hidden if parent else hidden)
+            continue
+        st = entry.st
+        if is_whiteout(st):
+            scan.whiteouts.append(path)
+            continue
+        if stat.S_ISDIR(st.st_mode) and _opaque_marker(entry.xattrs):
+            scan.opaque.append(path)
+        scan.entries.append(Node(
+            st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_rdev, hexdigest, path,
+            target=entry.target,
+            xattrs={k: v for k, v in entry.xattrs.items()
+                    if not k.startswith(RESERVED_XATTR_PREFIXES)},
+            inode=st.st_ino if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) else 0,
+        ))
+    if record is not None:
+        known = set(scan.whiteouts)
+        scan.whiteouts += [w for w in record.whiteouts if w not in known]
+        known = set(scan.opaque)
+        scan.opaque += [o for o in record.opaque_dirs if o not in known]
+    return scan
+
+
+def _opaque_marker(xattrs: dict[str, bytes]) -> bool:
+    return any(xattrs.get(key) == b"y" for key in OPAQUE_XATTRS)
+
+
+class LayerScans:
+    """Scans of the layers a batch of trees needs: each layer read once, and let go
+    once the last tree that needs it has been built."""
+
+    def __init__(self, read_layout: Layout, uses: Iterable[Digest]) -> None:
+        self._layout = read_layout
+        self._remaining: Counter[Digest] = Counter(uses)
+        self._scans: dict[Digest, LayerScan] = {}
+
+    def get(self, digest: Digest) -> LayerScan:
+        scan = self._scans.get(digest)
+        if scan is None:
+            scan = self._scans[digest] = scan_layer(
+                self._layout.layerfs(digest), digest,
+                LayerWhiteouts.read(self._layout.layer_dir(digest)))
+        return scan
+
+    def release(self, digest: Digest) -> None:
+        self._remaining[digest] -= 1
+        if self._remaining[digest] <= 0:
+            self._scans.pop(digest, None)
+
+    def prefetch(self) -> None:
+        """Read every layer now (so that nothing is read from the repository later)."""
+        for digest in self._remaining:
+            self.get(digest)
+
+
+class FlatTree:
+    """A merged tree; `layer_dirs` says where each source layer is read from, and
+    `layer_rels` where it is in the repository (hex digest -> layerfs)."""
+
+    def __init__(self, layer_dirs: dict[str, Path], layer_rels: dict[str, str]) -> None:
+        self.root = Node(stat.S_IFDIR | 0o755, children={})
+        self.layer_dirs = layer_dirs
+        self.layer_rels = layer_rels
+
+    # -- building --------------------------------------------------------------
+
+    def lookup(self, path: bytes) -> Node | None:
+        node: Node | None = self.root
+        for part in _parts(path):
+            if node is None or node.children is None:
+                return None
+            node = node.children.get(part)
+        return node
+
+    def remove(self, path: bytes) -> None:
+        parts = _parts(path)
+        parent = self.lookup(b"/".join(parts[:-1])) if parts else None
+        if parent is not None and parent.children is not None:
+            parent.children.pop(parts[-1], None)
+
+    def put(self, path: bytes, node: Node) -> None:
+        """Add `node` at `path`, as an upper layer's entry lands on the lower ones."""
+        parts = _parts(path)
+        parent = self.root
+        for part in parts[:-1]:
+            assert parent.children is not None
+            child = parent.children.get(part)
+            if child is None or child.children is None:
+                child = parent.children[part] = Node(stat.S_IFDIR | 0o755, children={})
+            parent = child
+        assert parent.children is not None
+        if node.is_dir:
+            existing = parent.children.get(parts[-1])
+            children = existing.children if existing is not None and existing.children \
+                is not None else {}
+            node = replace(node, children=children)  # merged with the lower directory
+        parent.children[parts[-1]] = node
+
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """(relative path, node), parents before children, in name order."""
+        stack: list[tuple[bytes, Node]] = [(b"", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            for name in sorted(node.children or (), reverse=True):
+                assert node.children is not None
+                stack.append((path + b"/" + name if path else name, node.children[name]))
+
+    # -- writing into a directory -----------------------------------------------
+
+    def materialize(self, dest: Path) -> None:
+        """Write the tree into the empty directory `dest`: files are hardlinks to the
+        layers' files (copies where the file system refuses)."""
+        writer = _DirectoryWriter(self, dest)
+        try:
+            writer.write()
+        finally:
+            writer.close()
+
+    # -- writing as a tar ---------------------------------------------------------
+
+    def tar_members(self, prefix: str) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+        """(header, content) for every entry, named under `prefix` (relative to the
+        repository root). Files from layers are hardlink members naming the layer's
+        file in the repository: no content is read; made-up files carry theirs."""
+        for rel, node in self.walk():
+            info = tarfile.TarInfo(f"{prefix}/{os.fsdecode(rel)}" if rel else prefix)
+            kind = stat.S_IFMT(node.st_mode)
+            info.mode = stat.S_IMODE(node.st_mode)
+            info.uid, info.gid = node.uid, node.gid
+            info.uname = info.gname = ""
+            info.mtime = node.mtime_ns // 10**9
+            data: bytes | None = None
+            if stat.S_ISDIR(kind):
+                info.type = tarfile.DIRTYPE
+            elif stat.S_ISREG(kind):
+                if node.layer:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = os.fsdecode(
+                        f"{self.layer_rels[node.layer]}/".encode() + node.path)
+                else:
+                    info.type = tarfile.REGTYPE
+                    data = node.data or b""
+                    info.size = len(data)
+            elif stat.S_ISLNK(kind):
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.fsdecode(node.target)
+            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+                info.type = tarfile.CHRTYPE if stat.S_ISCHR(kind) else tarfile.BLKTYPE
+                info.devmajor, info.devminor = os.major(node.rdev), os.minor(node.rdev)
+            elif stat.S_ISFIFO(kind):
+                info.type = tarfile.FIFOTYPE
+            else:
+                continue  # sockets: nothing a tar can hold
+            yield info, data
+
+
+def merge_layers(scans: list[LayerScan], tree: FlatTree) -> FlatTree:
+    """Merge layers bottom to top into `tree`, as overlayfs shows them."""
+    for scan in scans:
+        for directory in scan.opaque:  # everything below came from the lower layers
+            node = tree.lookup(directory)
+            if node is not None and node.children is not None:
+                node.children = {}
+        for path in scan.whiteouts:
+            tree.remove(path)
+        for node in scan.entries:
+            tree.put(node.path, node)
+    return tree
+
+
+def _parts(path: bytes) -> list[bytes]:
+    return [p for p in path.split(b"/") if p and p != b"."]
+
+
+class _DirectoryWriter:
+    """Writes a FlatTree below `dest` through directory descriptors."""
+
+    def __init__(self, tree: FlatTree, dest: Path) -> None:
+        self._tree = tree
+        self._dest_fd = os.open(dest, _DIR_FLAGS)
+        self._root = os.geteuid() == 0
+        self._layers: dict[str, LayerDir] = {}
+        self._copies: dict[tuple[str, int], bytes] = {}  # (layer, inode) -> our copy
+
+    def close(self) -> None:
+        for layer in self._layers.values():
+            layer.close()
+        os.close(self._dest_fd)
+
+    def write(self) -> None:
+        assert self._tree.root.children is not None
+        self._write_children(self._dest_fd, b"", self._tree.root)
+
+    def _write_children(self, dir_fd: int, prefix: bytes, directory: Node) -> None:
+        assert directory.children is not None
+        for name in sorted(directory.children):
+            node = directory.children[name]
+            rel = prefix + b"/" + name if prefix else name
+            kind = stat.S_IFMT(node.st_mode)
+            if stat.S_ISDIR(kind):
+                # Root may write anywhere: the final mode at once saves a chmod.
+                mode = stat.S_IMODE(node.st_mode) & 0o777 if self._root else 0o700
+                os.mkdir(name, mode, dir_fd=dir_fd)
+                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    self._write_children(child, rel, node)
+                finally:
+                    os.close(child)
+                self._apply_meta(dir_fd, name, node, created=mode & ~UMASK)
+            elif stat.S_ISREG(kind) and node.layer:
+                if not self._link(dir_fd, name, rel, node):
+                    self._apply_meta(dir_fd, name, node, created=None)
+            elif stat.S_ISREG(kind):
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                             dir_fd=dir_fd)
+                try:
+                    _write_all(fd, node.data or b"")
+                finally:
+                    os.close(fd)
+                self._apply_meta(dir_fd, name, node, created=0o600 & ~UMASK)
+            elif stat.S_ISLNK(kind):
+                os.symlink(node.target, name, dir_fd=dir_fd)
+                self._apply_meta(dir_fd, name, node, created=None)
+            elif stat.S_ISSOCK(kind):
+                continue
+            else:
+                os.mknod(name, node.st_mode, node.rdev, dir_fd=dir_fd)
+                self._apply_meta(dir_fd, name, node, created=None)
+
+    def _link(self, dir_fd: int, name: bytes, rel: bytes, node: Node) -> bool:
+        """Hardlink the layer's file; True if that gave the entry its metadata too."""
+        key = (node.layer, node.inode)
+        if node.inode and key in self._copies:
+            os.link(self._copies[key], name, src_dir_fd=self._dest_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
+            return True
+        layer = self._layer(node.layer)
+        parent, source = layer.parent(tuple(node.path.split(b"/")), create=False)
+        try:
+            os.link(source, name, src_dir_fd=parent, dst_dir_fd=dir_fd, follow_symlinks=False)
+            return True  # owner, mode, times and xattrs are the layer file's
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+        src = layer.open_file(tuple(node.path.split(b"/")))
+        try:
+            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=dir_fd)
+            try:
+                with open(src, "rb", closefd=False) as fin, \
+                        open(dst, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                for xattr in os.listxattr(src):
+                    if not xattr.startswith(RESERVED_XATTR_PREFIXES):
+                        with contextlib.suppress(OSError):
+                            os.setxattr(dst, xattr, os.getxattr(src, xattr))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        if node.inode:
+            self._copies[key] = rel
+        return False
+
+    def _layer(self, hexdigest: str) -> LayerDir:
+        layer = self._layers.get(hexdigest)
+        if layer is None:
+            layer = self._layers[hexdigest] = LayerDir(self._tree.layer_dirs[hexdigest])
+        return layer
+
+    def _apply_meta(self, dir_fd: int, name: bytes, node: Node, *, created: int | None) -> None:
+        """Owner, mode, xattrs and times; `created`: the mode the entry was made with."""
+        if self._root and (node.uid or node.gid):  # root's new entries are root's
+            os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(node.st_mode):
+            if created is None or stat.S_IMODE(node.st_mode) != created:
+                os.chmod(name, stat.S_IMODE(node.st_mode), dir_fd=dir_fd)
+            if node.xattrs:
+                proc = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+                for key, value in node.xattrs.items():
+                    with contextlib.suppress(OSError):
+                        os.setxattr(proc, key, value, follow_symlinks=False)
+        os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def build_tree(scans: LayerScans, layers: list[Digest], read_layout: Layout,
+               repo_layout: Layout, extra: Callable[[FlatTree], None]) -> FlatTree:
+    """The merged tree of an image whose (non-foreign) layers are `layers`."""
+    tree = FlatTree(
+        {d.hex: read_layout.layerfs(d) for d in layers},
+        {d.hex: f"{repo_layout.layer_rel(d)}/layerfs" for d in layers},
+    )
+    merge_layers([scans.get(d) for d in layers], tree)
+    extra(tree)
+    return tree
