@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cvmfs import StandinRepo
+from support.cvmfs import make_repo
 from support.images import Entry, busybox_entries, edge_case_layers, image, layer
 from support.podman import snapshot
 
@@ -23,8 +23,8 @@ MAX_PUBLISHES = 5
 
 
 @pytest.fixture()
-def cvmfs(lazypod) -> Iterator[StandinRepo]:
-    repo = StandinRepo()
+def cvmfs(lazypod) -> Iterator[object]:
+    repo = make_repo()
     lazypod.env.update(repo.env)
     yield repo
     repo.destroy()
@@ -211,7 +211,7 @@ def test_sigterm_during_a_publish_lets_it_finish(registry, lazypod, cvmfs):
 
 
 def test_server_conf_without_xattrs_is_refused(registry, lazypod, tmp_path):
-    repo = StandinRepo("noxattrs.test.ch", include_xattrs=False)
+    repo = make_repo("noxattrs.test.ch", include_xattrs=False)
     try:
         lazypod.env.update(repo.env)
         names = shared_base_images(registry, 1, "noxattr")

@@ -7,7 +7,8 @@ Per repository, under $CVMFS_STANDIN_HOME/<name>/:
                client path; 0/0 devices and trusted.overlay.* visible as stored)
   scratch/     upper and work directories while a transaction is open
   state.json   open transaction?, counters, injected faults
-  ingested     paths that came in through ingest (xattrs cannot be set on them later)
+  implicit     directories an `ingest -k` made itself (owner -1): nothing below them
+               can be changed in a later transaction
   ingest-N.json  what ingest number N received (name, type, link, content hash)
 
 The server view (`<mount root>/<name>`) is, as on a real server, an overlayfs over
@@ -95,12 +96,12 @@ class Repo:
                         f"lowerdir={self.published},upperdir={self.upper},workdir={self.work}",
                         str(self.mount)], check=True)
 
-    def ingested(self) -> set[bytes]:
-        path = self.base / "ingested"
-        return set(path.read_bytes().split(b"\0")) if path.exists() else set()
+    def implicit(self) -> set[bytes]:
+        path = self.base / "implicit"
+        return set(path.read_bytes().split(b"\0")) - {b""} if path.exists() else set()
 
-    def add_ingested(self, paths: list[bytes]) -> None:
-        with (self.base / "ingested").open("ab") as f:
+    def add_implicit(self, paths: list[bytes]) -> None:
+        with (self.base / "implicit").open("ab") as f:
             for p in paths:
                 f.write(p + b"\0")
 
@@ -150,8 +151,8 @@ def rmfs(name: str) -> None:
 
 def _holders(path: Path, *, read_only: bool | None) -> list[str]:
     """Processes with a file open under `path` (read-only ones, writable ones, or all),
-    as `cvmfs_publish lsof` finds them; this process and its parents aside."""
-    mine = {os.getpid(), os.getppid()}
+    as `cvmfs_publish lsof` finds them; this process aside."""
+    mine = {os.getpid()}
     prefix = str(path).rstrip("/")
     found = []
     for pid in os.listdir("/proc"):
@@ -177,23 +178,23 @@ def _holders(path: Path, *, read_only: bool | None) -> list[str]:
 
 
 def _cwd_under(path: Path) -> bool:
+    """The server's own working directory (the caller's, inherited) is under `path`."""
     prefix = str(path).rstrip("/")
-    try:
-        cwd = os.readlink(f"/proc/{os.getppid()}/cwd")
-    except OSError:
-        return False
+    cwd = os.getcwd()
     return cwd == prefix or cwd.startswith(prefix + "/")
 
 
-def _check_before_change(repo: Repo) -> None:
+def _check_before_change(repo: Repo, *, ingest: bool) -> None:
     """cvmfs_server's checks before ingest and publish: writable descriptors and a
-    working directory under the server view are fatal; read-only ones make it ask
-    whether to go on, reading the answer from standard input."""
+    working directory under the server view are fatal (ingest aborts its transaction
+    first); read-only ones make it ask whether to go on, reading the answer from
+    standard input, and "no" leaves the transaction open, ingest's own included."""
+    stop = _abort_ingest if ingest else (lambda _repo, message: fail(message))
     if _holders(repo.mount, read_only=False):
-        fail(f"Open writable file descriptors on {repo.name}")
+        stop(repo, f"Open writable file descriptors on {repo.name}")
     if _cwd_under(repo.mount):
-        fail(f"Current working directory is in /cvmfs/{repo.name}.  Please release, e.g. "
-             "by 'cd $HOME'.")
+        stop(repo, f"Current working directory is in /cvmfs/{repo.name}.  Please release, "
+                   "e.g. by 'cd $HOME'.")
     readers = _holders(repo.mount, read_only=True)
     if not readers:
         return
@@ -270,7 +271,7 @@ def cmd_publish(args: list[str]) -> None:
     if repo.state["fail"].get("publish") == repo.state["counts"]["publish"] + 1:
         fail("injected failure: publish failed (the transaction stays open)")
     time.sleep(float(repo.state["fail"].get("publish_sleep", 0)))
-    _check_before_change(repo)
+    _check_before_change(repo, ingest=False)
     _close(repo)
     repo.unmount_view()
     try:
@@ -325,7 +326,8 @@ def cmd_ingest(args: list[str]) -> None:
     repo = Repo(rest[0])
     if repo.state["transaction"]:
         fail(f"another transaction is already open on {repo.name}")
-    if delete is not None and base is not None and delete.strip("/") == base.strip("/"):
+    if delete is not None and base is not None and delete.strip("/") == base.strip("/") \
+            and (repo.published / base.strip("/")).exists():
         fail("PANIC: deleting and ingesting the same path in one command", 1)
     number = repo.state["counts"]["ingest"] + 1
     if repo.state["fail"].get("ingest") == number:
@@ -338,17 +340,21 @@ def cmd_ingest(args: list[str]) -> None:
             repo.state["transaction"] = True
             repo.save()
         fail("injected failure: ingest failed")
-    _check_before_change(repo)
+    # A real ingest opens its transaction first: a check that says no leaves it open.
+    repo.state["transaction"] = True
+    repo.save()
+    _check_before_change(repo, ingest=True)
+    repo.mount_writable()
     staged = None
     if source is not None:
         if base is None:
-            fail("ingest needs -b", 2)
+            _abort_ingest(repo, "ingest needs -b", 2)
         stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
         (repo.base / "ingest-started").touch()
         time.sleep(float(repo.state["fail"].get("ingest_sleep", 0)))
         head = stream.peek(8)[:8] if hasattr(stream, "peek") else b""
         if any(head.startswith(m) for m in _COMPRESSED_MAGIC):
-            fail("Unrecognized archive format")
+            _abort_ingest(repo, "Unrecognized archive format")
         # The whole tar is read before anything changes: a broken stream publishes nothing.
         staged = _read_tar(repo, stream, number)
     if delete is not None:
@@ -365,11 +371,26 @@ def cmd_ingest(args: list[str]) -> None:
             shutil.rmtree(staged[0], ignore_errors=True)
         if catalog:
             (repo.published / base.strip("/") / ".cvmfscatalog").touch()
-        repo.add_ingested(added)
-    _close(repo)
-    repo.mount_readonly()
+        repo.add_implicit(added)
+    _end_ingest(repo)
     repo.count("ingest")
     repo.count("publish")
+
+
+def _end_ingest(repo: Repo) -> None:
+    _close(repo)
+    repo.unmount_view()
+    shutil.rmtree(repo.base / "scratch", ignore_errors=True)
+    repo.mount_readonly()
+    repo.state["transaction"] = False
+    repo.save()
+
+
+def _abort_ingest(repo: Repo, message: str, code: int = 1) -> None:
+    """A failed ingest aborts its own transaction before it dies, as the real one."""
+    _end_ingest(repo)
+    repo.count("abort")
+    fail(message, code)
 
 
 # -- what ingest does with a tar --------------------------------------------------------
@@ -408,7 +429,8 @@ def _read_tar(repo: Repo, stream: Any, number: int) -> Staged:
                         "sha256": digest, "mode": member.mode})
     except (tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(stage, ignore_errors=True)
-        fail(f"PANIC: Fatal error in reading the archive: {exc}\nSynchronization failed")
+        _abort_ingest(repo, f"PANIC: Fatal error in reading the archive: {exc}\n"
+                            "Synchronization failed")
     (repo.base / f"ingest-{number}.json").write_text(json.dumps(log))
     return stage, members
 
@@ -416,8 +438,16 @@ def _read_tar(repo: Repo, stream: Any, number: int) -> Staged:
 def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[bytes]:
     owner = repo.owner()
     root = os.fsencode(repo.published)
-    added: list[bytes] = []
+    implicit: list[bytes] = []
     hardlinks: list[tuple[bytes, bytes]] = []
+    # A catalog's directory entries keep their times when entries are added below them.
+    dir_times: dict[bytes, tuple[int, int]] = {}
+
+    def keep_time(directory: bytes) -> None:
+        if directory not in dir_times and os.path.isdir(directory):
+            st = os.lstat(directory)
+            dir_times[directory] = (st.st_atime_ns, st.st_mtime_ns)
+
     for member, content in staged[1]:
         name = os.fsencode(member.name).strip(b"/")
         if name in (b"", b"."):
@@ -427,21 +457,26 @@ def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[
             fail(f"ingest: refusing member {member.name}")
         rel = os.path.join(os.fsencode(base), *parts) if base else os.path.join(*parts)
         path = os.path.join(root, rel)
-        _make_parents(path, (65534, 65534) if keep_owner else owner)
+        parent = os.path.dirname(path)
+        while parent != root and not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        keep_time(parent)
+        made = _make_parents(path, (65534, 65534) if keep_owner else owner)
+        if keep_owner:
+            implicit += [os.path.relpath(d, root) for d in made]
         uid, gid = (member.uid, member.gid) if keep_owner else owner
         if member.islnk():  # resolved last, from the catalog, as ingest's PostUpload does
             link = os.fsencode(member.linkname).strip(b"/")
             hardlinks.append((path, os.path.join(root, os.fsencode(base), link) if base
                               else os.path.join(root, link)))
-            added.append(rel)
             continue
         if member.isdir():
             if os.path.lexists(path) and not os.path.isdir(path):
                 os.unlink(path)
             if os.path.isdir(path):
-                added.append(rel)
                 continue  # an existing directory keeps what it has (ingest: not new)
             os.mkdir(path)
+            dir_times[path] = (int(member.mtime * 1e9), int(member.mtime * 1e9))
         else:
             if os.path.lexists(path):
                 _remove(Path(os.fsdecode(path)))
@@ -459,12 +494,12 @@ def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[
         if not member.issym():
             os.chmod(path, member.mode)
         os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
-        added.append(rel)
     for path, source in hardlinks:
         # A catalog entry cloned from the source: its content and metadata, no xattrs,
         # an independent copy (nlink 1). A missing source makes ingest PANIC.
         if not os.path.isfile(source) or os.path.islink(source):
-            fail(f"PANIC: catalog for file '{os.fsdecode(source)}' cannot be found, aborting")
+            _abort_ingest(repo, f"PANIC: catalog for file '{os.fsdecode(source)}' cannot be "
+                                "found, aborting\nSynchronization failed")
         if os.path.lexists(path):
             _remove(Path(os.fsdecode(path)))
         shutil.copyfile(source, path)
@@ -472,10 +507,12 @@ def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[
         os.chown(path, st.st_uid, st.st_gid)
         os.chmod(path, stat.S_IMODE(st.st_mode))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return added
+    for directory, times in dir_times.items():
+        os.utime(directory, ns=times)
+    return implicit
 
 
-def _make_parents(path: bytes, owner: tuple[int, int]) -> None:
+def _make_parents(path: bytes, owner: tuple[int, int]) -> list[bytes]:
     parent = os.path.dirname(path)
     missing = []
     while not os.path.isdir(parent):
@@ -484,6 +521,7 @@ def _make_parents(path: bytes, owner: tuple[int, int]) -> None:
     for d in reversed(missing):
         os.mkdir(d, 0o755)
         os.chown(d, *owner)
+    return missing
 
 
 # -- what publish does with the scratch area ----------------------------------------------
@@ -496,7 +534,7 @@ def _merge(repo: Repo) -> None:
     upper = os.fsencode(repo.upper)
     published = os.fsencode(repo.published)
     include = repo.include_xattrs()
-    ingested = repo.ingested()
+    implicit = repo.implicit()
     for dirpath, dirnames, filenames in os.walk(upper):
         rel_dir = os.path.relpath(dirpath, upper)
         rel_dir = b"" if rel_dir == b"." else rel_dir
@@ -509,8 +547,10 @@ def _merge(repo: Repo) -> None:
                 _remove(Path(os.fsdecode(dst)))
                 continue
             xattrs = _visible_xattrs(src) if include else {}
-            if rel in ingested and os.path.lexists(dst) and xattrs != _stored_xattrs(dst):
-                raise _Violation(f"setfattr on {os.fsdecode(rel)}: Value too large for "
+            if any(rel == d or rel.startswith(d + b"/") for d in implicit):
+                # On a real server the write itself fails (EOVERFLOW: the copy-up of a
+                # parent owned by -1); the stand-in can only refuse the publish.
+                raise _Violation(f"writing {os.fsdecode(rel)}: Value too large for "
                                  "defined data type")
             if stat.S_ISDIR(st.st_mode):
                 opaque = _get(src, "trusted.overlay.opaque") == b"y"

@@ -212,25 +212,22 @@ class CvmfsServer:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             failure: BaseException | None = None
+            stream: _TarStream | None = None
             try:
                 fd = _open_fifo(fifo, proc)
                 if fd is not None:
                     stream = _TarStream(fd)
-                    try:
-                        for info, content in members:
-                            if stop():
-                                raise Interrupted("interrupted during an ingest")
-                            stream.add(info, content)
-                        stream.finish()
-                    except BaseException:
-                        stream.poison()
-                        raise
-                    finally:
-                        stream.close()
+                    for info, content in members:
+                        stream.add(info, content)
+                    stream.finish()
             except BrokenPipeError:
                 pass  # the server stopped reading: its exit status says why
             except BaseException as exc:
                 failure = exc
+                stream = _break(stream, fifo, proc)
+            finally:
+                if stream is not None:
+                    stream.close()
             _wait(proc)
             output.seek(0)
             message = output.read().decode(errors="replace").strip()
@@ -281,6 +278,22 @@ def _wait(proc: subprocess.Popen[bytes]) -> None:
                 pending = exc
     if pending is not None:
         raise pending
+
+
+def _break(stream: _TarStream | None, fifo: Path,
+           proc: subprocess.Popen[bytes]) -> _TarStream | None:
+    """Make the ingest fail for certain: the server may otherwise wait on a FIFO no one
+    will write, or publish a tar that merely stopped between two members."""
+    try:
+        if stream is None:
+            fd = _open_fifo(fifo, proc)
+            if fd is None:
+                return None
+            stream = _TarStream(fd)
+        stream.poison()
+    except BaseException:  # noqa: S110 (a second interruption: the server fails anyway)
+        pass
+    return stream
 
 
 def _open_fifo(fifo: Path, proc: subprocess.Popen[bytes]) -> int | None:
@@ -376,6 +389,17 @@ def _last_line(proc: subprocess.CompletedProcess[bytes]) -> str:
     return _summary(_text(proc).strip())
 
 
+# cvmfs_server's chatter that says nothing about what went wrong.
+_NOISE = ("Executed Command", "cvmfs_swissknife ", "CernVM-FS: ", "Failed to set requested "
+          "number of open files")
+
+
 def _summary(message: str) -> str:
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"
+    """The line of cvmfs_server's output that says what went wrong."""
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.strip().startswith(_NOISE)]
+    for marker in ("PANIC", "Fatal", "aborted.", "error", "failed", "Failed"):
+        for line in lines:
+            if marker in line:
+                return line[:300]
+    return lines[-1][:300] if lines else "no message"
