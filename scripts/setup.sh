@@ -8,8 +8,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # podman and friends, the registry the tests and the demo run on loopback, busybox for
-# test images, attr for inspecting xattrs, apache2-utils for the registry's htpasswd.
-PACKAGES=(podman runc skopeo fuse-overlayfs uidmap slirp4netns docker-registry
+# test images, debootstrap for a real-world Debian test image, attr for inspecting xattrs,
+# apache2-utils for the registry's htpasswd.
+PACKAGES=(podman runc skopeo fuse-overlayfs uidmap slirp4netns docker-registry debootstrap
           busybox-static attr apache2-utils python3-venv python3-pip ca-certificates)
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -3,6 +3,7 @@ images from the published tree, as a client would."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.cvmfs import make_repo
+from support.debian import debian_image
 from support.images import Entry, busybox_entries, edge_case_layers, image, layer
 from support.podman import snapshot
 
@@ -73,17 +75,18 @@ def test_edge_case_image_runs_from_the_published_repository(
     from_cvmfs = run_tree(podman_factory, cvmfs, name, "from-cvmfs")
     assert registry.requests(since=mark) == []
     expected = pulled_tree(podman_factory, name)
-    for path in ("var/lib/replaced", "var/lib/gone"):  # see test_end_to_end: rootful overlay
-        assert from_cvmfs[path][-1] == (("user.overlay.opaque", b"y"),)
-        from_cvmfs[path] = (*from_cvmfs[path][:-1], ())
     assert from_cvmfs == expected  # hardlink identity aside: CVMFS breaks hardlinks
 
     # The layers hold real overlay whiteouts, and no directory was left to 65534.
     upper = cvmfs.client_view / ".layers" / img.layers[1].digest[7:9] / img.layers[1].digest[7:]
     gone = os.lstat(upper / "layerfs/var/lib/gone")
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    # The opaque directory: no marker, explicit whiteouts of what the base layer holds.
     opaque = upper / "layerfs/var/lib/replaced"
-    assert os.getxattr(opaque, "trusted.overlay.opaque") == b"y"
+    assert os.listxattr(opaque) == []
+    for hidden in ("old-a", "sub"):
+        st = os.lstat(opaque / hidden)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, hidden
     for dirpath, dirnames, _ in os.walk(cvmfs.client_view):
         for d in dirnames:
             assert os.lstat(os.path.join(dirpath, d)).st_uid != 65534, d
@@ -91,6 +94,68 @@ def test_edge_case_image_runs_from_the_published_repository(
     assert (cvmfs.client_view / ".layers" / img.layers[1].digest[7:9] / ".cvmfscatalog").exists()
     flat = cvmfs.client_view / registry.host / "test/edge:cvmfs"
     assert (flat / ".singularity.d/runscript").exists() and (flat / "opt/keep").exists()
+
+
+def test_debian_image_runs_from_the_published_repository(
+    registry, lazypod, podman_factory, cvmfs
+):
+    """A real-world shape through the cvmfs backend, flat tree included."""
+    img = debian_image("cvmfs-debian")
+    name = registry.push("test/debian", "cvmfs", img)
+
+    convert(lazypod, cvmfs, name)
+    assert not cvmfs.state()["transaction"]
+
+    from_cvmfs = run_tree(podman_factory, cvmfs, name, "debian-cvmfs")
+    expected = pulled_tree(podman_factory, name)
+    assert from_cvmfs == expected
+    assert from_cvmfs["bin"][-2] == "usr/bin" and from_cvmfs["var/run"][-2] == "/run"
+    assert from_cvmfs["dev/fd"][-2] == "/proc/self/fd"
+    assert "usr/bin/tac" not in from_cvmfs and "etc/motd" not in from_cvmfs
+    assert [p for p in from_cvmfs if p.startswith("usr/share/doc/")] == \
+        ["usr/share/doc/README.lazypod"]
+    assert len(from_cvmfs) > 3000
+    flat = cvmfs.client_view / registry.host / "test/debian:cvmfs"
+    assert (flat / "etc/lazypod-marker").read_text() == "debian test image\n"
+    assert os.readlink(flat / "var/run") == "/run" and not (flat / "usr/bin/tac").exists()
+
+
+def test_symlinks_in_a_layer_are_never_followed(registry, lazypod, podman_factory, cvmfs,
+                                                tmp_path):
+    """A layer's `var/run -> /run` or `dev/fd -> /proc/self/fd`, or a hostile link to a
+    host directory, is an entry: nothing of the publisher's host reaches the repository."""
+    secret_dir = tmp_path / "host-secrets"
+    secret_dir.mkdir()
+    secret = b"the publisher's signing key " + os.urandom(16).hex().encode()
+    (secret_dir / "key").write_bytes(secret)
+    img = image([layer([
+        *busybox_entries(),
+        Entry("usr/", "dir"), Entry("usr/bin/", "dir"),
+        Entry("usr/bin/tool", data=b"#!/bin/sh\n", mode=0o755),
+        Entry("sbin", "symlink", target="usr/bin"),
+        Entry("var/", "dir"), Entry("var/run", "symlink", target=str(secret_dir)),
+        Entry("dev/", "dir"), Entry("dev/fd", "symlink", target="/proc/self/fd"),
+        Entry("etc/hostdir", "symlink", target="/etc"),
+    ])], label="symlinks")
+    name = registry.push("test/symlinks", "1", img)
+
+    convert(lazypod, cvmfs, name)
+
+    members = [m for tar in cvmfs.ingests() for m in tar]
+    assert members, "no ingest was recorded"
+    digests = {m["sha256"] for m in members}
+    assert hashlib.sha256(secret).hexdigest() not in digests
+    for link in ("var/run", "dev/fd", "etc/hostdir", "sbin"):
+        listed = [m for m in members if m["name"].endswith("/" + link)]
+        assert listed and all(m["type"] == "2" for m in listed), (link, listed)
+        assert not [m for m in members if f"/{link}/" in m["name"]], link
+    assert not [m for m in members if "/etc/hostdir/" in m["linkname"]
+                or "/var/run/" in m["linkname"]]
+    assert from_view_equals_pull(podman_factory, cvmfs, name)
+
+
+def from_view_equals_pull(podman_factory, cvmfs, name: str) -> bool:
+    return run_tree(podman_factory, cvmfs, name, "view") == pulled_tree(podman_factory, name)
 
 
 def shared_base_images(registry, count: int, tag: str) -> list[str]:

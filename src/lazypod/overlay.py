@@ -1,43 +1,45 @@
 """The overlay format of a layer directory, in one place: what marks a whiteout and
 an opaque directory, in every form a repository may hold them.
 
-* overlay (lazypod's layers): a whiteout is a character device 0/0 named as the
-  entry it hides; an opaque directory carries `trusted.overlay.opaque=y`, which
-  rootful kernel overlay reads and hides from containers;
+* overlay: a whiteout is a character device 0/0 named as the entry it hides; an
+  opaque directory may carry `trusted.overlay.opaque=y` (or, from older lazypod
+  versions and other tools, `user.overlay.opaque` / `user.fuseoverlayfs.opaque`);
 * AUFS (the tarball form, in layers DUCC ingested): `.wh.NAME` files, and
   `.wh..wh..opq` in an opaque directory; `.wh..wh.*` are AUFS bookkeeping.
 
-Readers honour both. Layers lazypod writes carry no `user.*` marker: rootful kernel
-overlay would show it to containers, whose images built on top would then carry
-it (see the README's opaque directory design); rootless overlay and fuse-overlayfs,
-which cannot read `trusted.*`, get explicit whiteouts instead.
+Readers honour every form. Layers lazypod writes carry no opaque marker at all: an
+opaque directory holds explicit whiteouts of what the layers below it hold
+(`views.opaque`) and is listed in the layer's `whiteouts.json`. A `user.*` marker
+would reach containers (and images built on top of them); the trusted one would
+not, but kernel overlay lists a marked directory's whiteouts as entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from pathlib import Path
+
+from .securepath import LayerDir
 
 __all__ = [
     "AUFS_META_PREFIX",
     "AUFS_OPAQUE",
     "AUFS_PREFIX",
-    "LEGACY_OPAQUE_XATTRS",
-    "OPAQUE_XATTR",
     "OPAQUE_XATTRS",
     "RESERVED_XATTR_PREFIXES",
+    "add_whiteouts",
     "is_whiteout",
+    "unmark_opaque",
 ]
 
 AUFS_PREFIX = b".wh."
 AUFS_OPAQUE = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."
-# What lazypod writes on an opaque directory.
-OPAQUE_XATTR = "trusted.overlay.opaque"
-# Opaque markers older lazypod versions (and other tools) wrote, which readers honour
-# and a normal run removes from lazypod's own layers.
-LEGACY_OPAQUE_XATTRS = ("user.overlay.opaque", "user.fuseoverlayfs.opaque")
-OPAQUE_XATTRS = (OPAQUE_XATTR, *LEGACY_OPAQUE_XATTRS)
+# Opaque markers, which readers honour and a normal run removes from lazypod's own
+# layers (older versions wrote the first two).
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 # Xattrs that steer an overlay implementation: a layer must not bring its own, and
 # copies of layer files (flat trees) leave them out.
 RESERVED_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
@@ -46,3 +48,32 @@ RESERVED_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverla
 def is_whiteout(st: os.stat_result) -> bool:
     """An overlay whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def add_whiteouts(layerfs: Path, paths: list[bytes]) -> None:
+    """Make whiteouts in a layer directory, through the door (parents must exist)."""
+    layer = LayerDir(layerfs)
+    try:
+        for path in paths:
+            parent, name = layer.parent(tuple(path.split(b"/")), create=False)
+            with contextlib.suppress(FileExistsError):
+                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
+    finally:
+        layer.close()
+
+
+def unmark_opaque(layerfs: Path, path: bytes) -> None:
+    """Remove every opaque marker from a directory of a layer (its whiteouts hide
+    what lies below it)."""
+    layer = LayerDir(layerfs)
+    try:
+        if path:
+            parent, name = layer.parent(tuple(path.split(b"/")), create=False)
+            target, follow = layer.proc_path(parent, name), False
+        else:
+            target, follow = os.fsencode(layer.fd_path), True
+        for marker in OPAQUE_XATTRS:
+            with contextlib.suppress(OSError):
+                os.removexattr(target, marker, follow_symlinks=follow)
+    finally:
+        layer.close()

@@ -8,9 +8,10 @@ rewritten tar for `cvmfs_server ingest`). Whiteouts are translated here, in
 one place:
 
 * `.wh.NAME`       -> `sink.whiteout(NAME)`: a 0/0 character device
-* `.wh..wh..opq`   -> `sink.opaque(DIR)`: `trusted.overlay.opaque=y` and
-                      `user.overlay.opaque=y` (rootful kernel overlay reads the
-                      first; rootless kernel overlay and fuse-overlayfs the second)
+* `.wh..wh..opq`   -> `sink.opaque(DIR)`: recorded (the layer's whiteouts.json);
+                      the directory gets no marker, but explicit whiteouts of what
+                      the layers below it hold (`views.opaque`), which every overlay
+                      reads and no container sees
 * `.wh..wh.*`      -> dropped (AUFS bookkeeping, as containers/storage does)
 
 A tar-split of the stream is written on the way, so podman can rebuild the
@@ -47,7 +48,6 @@ __all__ = [
     "unpack_layer",
 ]
 
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 ROOT_MODE = 0o555
 
 
@@ -309,7 +309,6 @@ class DirectorySink:
         # Directory metadata waits until every child exists; with it, the mode the
         # directory got when it was made (None: it existed already).
         self._deferred: dict[SafePath, tuple[Meta, int | None]] = {}
-        self._opaque: set[SafePath] = set()
         self._warn = warn
 
     # -- operations ----------------------------------------------------------
@@ -400,30 +399,19 @@ class DirectorySink:
     def opaque(self, path: SafePath) -> None:
         self._dir.trim()
         self._dir.directory(path)
-        self._opaque.add(path)
 
     def finish(self) -> None:
-        for path in self._deferred.keys() | self._opaque:
+        for path, (meta, created) in self._deferred.items():
             self._dir.trim()
-            if not path:  # the layer root (its own entry is ignored; it may be opaque)
-                for key in OPAQUE_XATTRS:
-                    os.setxattr(self._dir.fd_path, key, b"y")
-                continue
             parent, name = self._dir.parent(path, create=False)
-            if path in self._opaque:
-                for key in OPAQUE_XATTRS:
-                    os.setxattr(self._dir.proc_path(parent, name), key, b"y",
-                                follow_symlinks=False)
-            if path in self._deferred:
-                meta, created = self._deferred[path]
-                if self._same_owner and (meta.uid or meta.gid):
-                    os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-                if created is None or meta.mode != created:
-                    os.chmod(name, meta.mode, dir_fd=parent)  # a directory: no symlink
-                for key, value in meta.xattrs.items():
-                    self._setxattr(self._dir.proc_path(parent, name), key, value, path)
-                os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent,
-                         follow_symlinks=False)
+            if self._same_owner and (meta.uid or meta.gid):
+                os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+            if created is None or meta.mode != created:
+                os.chmod(name, meta.mode, dir_fd=parent)  # a directory: no symlink
+            for key, value in meta.xattrs.items():
+                self._setxattr(self._dir.proc_path(parent, name), key, value, path)
+            os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent,
+                     follow_symlinks=False)
         # The layer root as containers/storage makes every layer's: 0555, root's.
         if self._same_owner:
             os.chown(self._dir.fd_path, 0, 0)
@@ -432,6 +420,7 @@ class DirectorySink:
 
     def abandon(self) -> None:
         self._dir.close()
+
 
     # -- helpers -------------------------------------------------------------
 
@@ -499,4 +488,3 @@ class DirectorySink:
         self._dir.forget_under(path)
         depth = len(path)
         self._deferred = {p: d for p, d in self._deferred.items() if p[:depth] != path}
-        self._opaque = {p for p in self._opaque if p[:depth] != path}

@@ -46,6 +46,7 @@ from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy
 from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERS, Layout
+from ..overlay import unmark_opaque
 from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from . import TreeBatch
 from .cvmfs_plan import LayerPlan
@@ -191,6 +192,8 @@ class CvmfsRun:
         self._staging = staging
         self._pending_layers: list[_PendingLayer] = []
         self._buffered: list[Callable[[], None]] = []  # writes that wait for transaction B
+        self._whiteouts: list[tuple[tarfile.TarInfo, TarContent]] = []  # for the next ingest
+        self._after_ingest: list[Callable[[], None]] = []
         self._flushed = False
         self._in_transaction = False
 
@@ -368,10 +371,33 @@ class CvmfsRun:
         """Clients cannot share locks with the publisher: the transaction is the lock."""
         yield
 
+    def add_whiteouts(self, layer: Digest, paths: list[bytes]) -> None:
+        """Whiteouts only come through ingest: kept for the next one (at the root)."""
+        prefix = f"{self.layout.layer_rel(layer)}/layerfs/"
+        for path in paths:
+            info = tarfile.TarInfo(prefix + os.fsdecode(path))
+            info.type, info.mode = tarfile.CHRTYPE, 0
+            info.uname = info.gname = ""
+            self._whiteouts.append((info, None))
+
+    def unmark_opaque(self, layer: Digest, path: bytes) -> None:
+        """In the transaction after the ingest that brings the layer's whiteouts."""
+        self._after_ingest.append(lambda: unmark_opaque(self.layout.layerfs(layer), path))
+
+    def settle(self) -> None:
+        """Whiteouts no flat tree's ingest took along get an ingest of their own."""
+        if self._whiteouts:
+            whiteouts, self._whiteouts = self._whiteouts, []
+            self._ingest("/", iter(whiteouts))
+        actions, self._after_ingest = self._after_ingest, []
+        for action in actions:
+            self._write(action)
+
     def add_trees(self, batch: TreeBatch) -> None:
         """All new flat trees in one ingest at the repository root (their files are
-        hardlink members naming the layers' files). Explicit directory entries for
-        every parent below `.flat`, so ingest creates none with owner 65534."""
+        hardlink members naming the layers' files), with the pending whiteouts.
+        Explicit directory entries for every parent below `.flat`, so ingest creates
+        none with owner 65534."""
         if not len(batch):
             return
         if not self._path(FLAT).is_dir():
@@ -380,7 +406,8 @@ class CvmfsRun:
             if self._path(rel).exists():
                 self.remove(rel)
         batch.prefetch()  # the client view is read now, not while cvmfs_server runs
-        self._ingest("/", _flat_members(batch, self.read_layout.root))
+        whiteouts, self._whiteouts = self._whiteouts, []
+        self._ingest("/", chain(whiteouts, _flat_members(batch, self.read_layout.root)))
 
 
 class CvmfsStagedLayer(LocalLayer):

@@ -24,6 +24,7 @@ from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..fsutil import make_dirs
 from ..layout import LOCK, STAGING, Layout
+from ..overlay import add_whiteouts, unmark_opaque
 from ..repository import WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
 from . import TreeBatch
 from .staging import LocalLayer
@@ -220,6 +221,20 @@ class DirectoryRun:
     def add_trees(self, batch: TreeBatch) -> None:
         for rel, tree in batch:
             self.replace_dir(rel, tree.materialize)
+
+    def add_whiteouts(self, layer: Digest, paths: list[bytes]) -> None:
+        """In place: each whiteout hides a name that the chains already published do
+        not have below it (that is why it is needed), so no reader sees a change."""
+        with _wrap_io(f"layer {layer.short}"):
+            add_whiteouts(self.layout.layerfs(layer), paths)
+
+    def unmark_opaque(self, layer: Digest, path: bytes) -> None:
+        """In place, after the layer's whiteouts (add_whiteouts, called first)."""
+        with _wrap_io(f"layer {layer.short}"):
+            unmark_opaque(self.layout.layerfs(layer), path)
+
+    def settle(self) -> None:
+        """Every write of the dir backend is already in place."""
 
     def flush(self) -> None:
         """Every write of the dir backend is already in place."""

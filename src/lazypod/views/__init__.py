@@ -14,6 +14,7 @@ from ..digest import Digest
 from ..repository import RepositoryState
 from .flat import FlatReport, render_flat
 from .layer_store import LayerStoreReport, render_layer_store
+from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
@@ -32,6 +33,7 @@ class ViewsReport:
     store: StoreReport | None = None
     layer_store: LayerStoreReport | None = None
     flat: FlatReport | None = None
+    opaque: OpaqueReport | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -44,8 +46,12 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
 
     for problem in state.problems:
         warn(problem)
-    if options.flat:  # first: the cvmfs backend ingests flat trees before its transaction
+    # Layer content first (opaque completions, flat trees: the cvmfs backend ingests
+    # them together), then what readers find images by.
+    report.opaque = render_opaque(state, writer, warn)
+    if options.flat:
         report.flat = render_flat(state, writer, warn)
+    writer.settle()
     render_origins(state, writer)
     if options.podman_store:
         report.store = render_image_store(state, writer, warn)

@@ -111,7 +111,7 @@ class FlatBatch:
         self._todo = sorted(todo, key=lambda item: [d.hex for d in _layers(item[1])])
         self._state = state
         self._read_layout = writer.read_layout
-        self._scans = LayerScans(writer.read_layout,
+        self._scans = LayerScans(writer.read_layout, writer.layout,
                                  [d for _, image in self._todo for d in set(_layers(image))])
 
     def __len__(self) -> int:

@@ -130,10 +130,14 @@ def _opaque_marker(xattrs: dict[str, bytes]) -> bool:
 
 class LayerScans:
     """Scans of the layers a batch of trees needs: each layer read once, and let go
-    once the last tree that needs it has been built."""
+    once the last tree that needs it has been built. Content is read through
+    `read_layout`, layer records (whiteouts.json) through `layout`: on CVMFS the
+    first is the client view, the second the server view, where this run's records
+    are before they are published."""
 
-    def __init__(self, read_layout: Layout, uses: Iterable[Digest]) -> None:
-        self._layout = read_layout
+    def __init__(self, read_layout: Layout, layout: Layout, uses: Iterable[Digest]) -> None:
+        self._read_layout = read_layout
+        self._layout = layout
         self._remaining: Counter[Digest] = Counter(uses)
         self._scans: dict[Digest, LayerScan] = {}
 
@@ -141,7 +145,7 @@ class LayerScans:
         scan = self._scans.get(digest)
         if scan is None:
             scan = self._scans[digest] = scan_layer(
-                self._layout.layerfs(digest), digest,
+                self._read_layout.layerfs(digest), digest,
                 LayerWhiteouts.read(self._layout.layer_dir(digest)))
         return scan
 

@@ -12,6 +12,12 @@ downloads. containers/storage wants a `blob` file to exist and reads it only to
 push or save such a layer; the repository does not keep compressed blobs, so it
 is empty, and a push or save of an image pulled through this store fails on the
 digest instead of sending wrong bytes (use the image store for those).
+
+Layers with opaque directories are left out: podman may use a layer of this store
+under layers the publisher never saw, and the explicit whiteouts that make its
+opaque directories opaque for rootless overlay and fuse-overlayfs (`views.opaque`)
+only cover the chains the repository publishes. podman downloads such a layer
+instead.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from ..digest import Digest
 from ..fsutil import listdir
 from ..layout import PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
-from ..repository import LayerRecord, RepositoryState
+from ..repository import LayerRecord, LayerWhiteouts, RepositoryState
 
 __all__ = ["LayerStoreReport", "render_layer_store"]
 
@@ -38,6 +44,7 @@ class LayerStoreReport:
     layers: int
     added: int
     removed: int
+    left_out_opaque: int = 0
 
 
 def layer_info(record: LayerRecord, blob: Descriptor) -> bytes:
@@ -68,14 +75,19 @@ def render_layer_store(
 ) -> LayerStoreReport:
     public = layers_root or writer.public_root
     wanted: dict[Digest, tuple[LayerRecord, Descriptor]] = {}
+    opaque: set[Digest] = set()
     for image in state.images:
         for blob in image.manifest.layers:
             record = state.layer(blob.digest)
             if record is None or not record.complete or blob.is_foreign:
                 continue
-            if record.diff_id is None:
+            if record.diff_id is None or blob.digest in wanted or blob.digest in opaque:
                 continue
-            wanted.setdefault(blob.digest, (record, blob))
+            whiteouts = LayerWhiteouts.read(state.layout.layer_dir(blob.digest))
+            if whiteouts is not None and whiteouts.opaque_dirs:
+                opaque.add(blob.digest)
+                continue
+            wanted[blob.digest] = (record, blob)
     root = writer.layout.root / prefix
     writer.make_dir(prefix)
     added = 0
@@ -108,4 +120,4 @@ def render_layer_store(
         if name.startswith("sha256:") and name not in wanted_names:
             writer.remove(f"{prefix}/{name}")
             removed += 1
-    return LayerStoreReport(len(wanted), added, removed)
+    return LayerStoreReport(len(wanted), added, removed, len(opaque))
