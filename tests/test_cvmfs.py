@@ -286,3 +286,36 @@ def test_server_conf_without_xattrs_is_refused(registry, lazypod, tmp_path):
         assert repo.counts()["transaction"] == 0
     finally:
         repo.destroy()
+
+
+def test_layers_written_before_are_migrated_by_a_normal_run(
+    registry, lazypod, podman_factory, cvmfs
+):
+    img = image(edge_case_layers(), label="cvmfs-migrate")
+    name = registry.push("test/edge", "cvmfs-migrate", img)
+    convert(lazypod, cvmfs, name)
+    digest = img.layers[1].digest[7:]
+    rel = f".layers/{digest[:2]}/{digest}"
+    # The layer as older lazypod versions published it: both markers, no whiteouts
+    # below the opaque directory, no record of completed chains.
+    for hidden in ("old-a", "sub"):
+        cvmfs.server("ingest", "--delete", f"{rel}/layerfs/var/lib/replaced/{hidden}",
+                     cvmfs.name, check=True)
+    cvmfs.server("transaction", cvmfs.name, check=True)
+    opaque = cvmfs.server_view / rel / "layerfs/var/lib/replaced"
+    for key in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        os.setxattr(opaque, key, b"y")
+    (cvmfs.server_view / rel / ".metadata/opaque-chains.json").unlink()
+    cvmfs.server("publish", cvmfs.name, check=True)
+    client = cvmfs.client_view / rel / "layerfs/var/lib/replaced"
+    assert sorted(os.listxattr(client)) == ["trusted.overlay.opaque", "user.overlay.opaque"]
+
+    other = shared_base_images(registry, 1, "migrate-other")
+    convert(lazypod, cvmfs, *other)  # a normal run, about another image
+
+    assert os.listxattr(client) == []
+    assert sorted(os.listdir(client)) == ["new", "old-a", "sub"]
+    assert os.lstat(client / "old-a").st_rdev == 0
+    assert (cvmfs.client_view / rel / ".metadata/opaque-chains.json").exists()
+    assert run_tree(podman_factory, cvmfs, name, "migrated") == \
+        pulled_tree(podman_factory, name)
