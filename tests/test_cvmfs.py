@@ -319,3 +319,40 @@ def test_layers_written_before_are_migrated_by_a_normal_run(
     assert (cvmfs.client_view / rel / ".metadata/opaque-chains.json").exists()
     assert run_tree(podman_factory, cvmfs, name, "migrated") == \
         pulled_tree(podman_factory, name)
+
+
+def test_a_reader_of_the_repository_is_named_and_nothing_is_left_open(
+    registry, lazypod, cvmfs
+):
+    """cvmfs_server would ask whether to go on (on standard input); lazypod looks first,
+    names the process, and leaves no transaction open."""
+    names = shared_base_images(registry, 1, "held")
+    convert(lazypod, cvmfs, *names)
+    more = shared_base_images(registry, 2, "held-more")
+    held = next(p for p in cvmfs.server_view.rglob("*") if p.is_file())
+    with open(held, "rb"):
+        proc = convert(lazypod, cvmfs, *more, check=False)
+    assert proc.returncode == 1
+    line = [x for x in proc.stderr.splitlines() if x.startswith("lazypod: error:")]
+    assert len(line) == 1 and f"pid {os.getpid()}" in line[0] and "hold files" in line[0]
+    assert not cvmfs.state()["transaction"]
+    convert(lazypod, cvmfs, *more)  # once the reader is gone, the run completes
+
+
+def test_a_bad_image_in_a_batch_leaves_the_others_published(registry, lazypod, podman_factory,
+                                                           cvmfs, tmp_path):
+    good = shared_base_images(registry, 2, "batch")
+    hostile = registry.push("test/hostile", "cvmfs", image([
+        layer(busybox_entries()),
+        layer([Entry("escape", "symlink", target=str(tmp_path)),
+               Entry("escape/pwned", data=b"x")])], label="hostile-cvmfs"))
+    proc = convert(lazypod, cvmfs, good[0], hostile, good[1], check=False)
+    assert proc.returncode == 1
+    assert "refusing the layer" in proc.stderr and not (tmp_path / "pwned").exists()
+    assert not cvmfs.state()["transaction"]
+    podman = podman_factory("batch", storage_opts=[
+        f"additionalimagestore={cvmfs.client_view}/.podmanStore"])
+    for i, name in enumerate(good):
+        assert podman.text("run", "--rm", "--network=none", name, "/bin/cat",
+                           f"/image-{i}") == f"batch {i}\n"
+    assert not any((cvmfs.client_view / ".metadata").rglob("hostile*"))

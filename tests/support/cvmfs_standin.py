@@ -78,23 +78,31 @@ class Repo:
 
     # -- the server view ---------------------------------------------------------
 
+    # As on a real server, one union mount over the published tree and the scratch
+    # area: read-only between transactions, remounted read-write for one (descriptors
+    # held on it stay valid), replaced when a transaction closes.
+
     def unmount_view(self) -> None:
         # Lazily: a publisher may still hold files of the old view open.
         subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
 
-    def mount_readonly(self) -> None:
-        self.unmount_view()
-        empty = self.base / "empty"
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.published}:{empty}", str(self.mount)], check=True)
-
-    def mount_writable(self) -> None:
+    def mount_view(self, *, writable: bool) -> None:
         self.unmount_view()
         for d in (self.upper, self.work):
             d.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.published},upperdir={self.upper},workdir={self.work}",
+                        f"lowerdir={self.published},upperdir={self.upper},workdir={self.work}"
+                        + ("" if writable else ",ro"), str(self.mount)], check=True)
+
+    def set_writable(self, writable: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'rw' if writable else 'ro'}",
                         str(self.mount)], check=True)
+
+    def reset_view(self) -> None:
+        """Close: the scratch area is dropped, a fresh read-only view mounted."""
+        self.unmount_view()
+        shutil.rmtree(self.base / "scratch", ignore_errors=True)
+        self.mount_view(writable=False)
 
     def implicit(self) -> set[bytes]:
         path = self.base / "implicit"
@@ -117,7 +125,6 @@ def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
          owner: tuple[int, int] = (0, 0), include_xattrs: bool = True) -> Path:
     base = home() / name
     (base / "published").mkdir(parents=True)
-    (base / "empty").mkdir()
     os.chown(base / "published", *owner)
     conf = config_dir / "repositories.d" / name / "server.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +141,7 @@ def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
              "fail": {}}
     (base / "state.json").write_text(json.dumps(state, indent=1))
     repo = Repo(name)
-    repo.mount_readonly()
+    repo.mount_view(writable=False)
     subprocess.run(["mount", "--bind", str(base / "published"), str(client)], check=True)
     subprocess.run(["mount", "-o", "remount,bind,ro", str(client)], check=True)
     return mount
@@ -254,10 +261,10 @@ def cmd_transaction(args: list[str]) -> None:
         if not sep or not src.exists() or dst.exists() or not dst.parent.is_dir():
             fail("template transaction: source missing, destination exists or its parent "
                  "is missing", 22)
-        repo.unmount_view()
         subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+        repo.reset_view()
         repo.count("publish")
-    repo.mount_writable()
+    repo.set_writable(True)
     repo.state["transaction"] = True
     repo.count("transaction")
 
@@ -277,10 +284,9 @@ def cmd_publish(args: list[str]) -> None:
     try:
         _merge(repo)
     except _Violation as exc:
-        repo.mount_writable()
+        repo.mount_view(writable=True)  # the transaction stays open, scratch and all
         fail(str(exc))
-    shutil.rmtree(repo.base / "scratch")
-    repo.mount_readonly()
+    repo.reset_view()
     repo.state["transaction"] = False
     repo.save()
     repo.count("publish")
@@ -293,9 +299,7 @@ def cmd_abort(args: list[str]) -> None:
     if not repo.state["transaction"]:
         fail(f"{repo.name} is not in a transaction")
     _close(repo)
-    repo.unmount_view()
-    shutil.rmtree(repo.base / "scratch", ignore_errors=True)
-    repo.mount_readonly()
+    repo.reset_view()
     repo.state["transaction"] = False
     repo.save()
     repo.count("abort")
@@ -336,7 +340,7 @@ def cmd_ingest(args: list[str]) -> None:
                       closefd=source != "-") as stream:
                 stream.read(4096)
         if repo.state["fail"].get("ingest_leaves_transaction"):
-            repo.mount_writable()
+            repo.set_writable(True)
             repo.state["transaction"] = True
             repo.save()
         fail("injected failure: ingest failed")
@@ -344,7 +348,7 @@ def cmd_ingest(args: list[str]) -> None:
     repo.state["transaction"] = True
     repo.save()
     _check_before_change(repo, ingest=True)
-    repo.mount_writable()
+    repo.set_writable(True)
     staged = None
     if source is not None:
         if base is None:
@@ -379,9 +383,7 @@ def cmd_ingest(args: list[str]) -> None:
 
 def _end_ingest(repo: Repo) -> None:
     _close(repo)
-    repo.unmount_view()
-    shutil.rmtree(repo.base / "scratch", ignore_errors=True)
-    repo.mount_readonly()
+    repo.reset_view()
     repo.state["transaction"] = False
     repo.save()
 

@@ -165,6 +165,7 @@ class CvmfsServer:
     # -- commands -------------------------------------------------------------
 
     def transaction(self, *, force: bool) -> None:
+        self.check_holders("open a transaction on")  # the publish would refuse: fail now
         proc = self._run(["transaction", self.repository], check=False)
         if proc.returncode != 0 and ALREADY_OPEN in _text(proc):
             if not force:
