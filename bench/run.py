@@ -15,7 +15,11 @@
    vs a plain `podman pull`.
 6. Memory whatever the layer size: peak RSS converting one 1 GiB layer.
 7. Client views: `lazypod views` for a repository of 100 images (configs present).
-8. The cvmfs backend (bench/cvmfs.py): publishes per run against DUCC's count.
+8. The cvmfs backend (bench/cvmfs.py): publishes per run against DUCC's count, with
+   the tests' stand-in cvmfs_server.
+9. The cvmfs backend on a real stratum 0 (bench/cvmfs_real.py), when cvmfs_server is
+   installed: publishing against DUCC's way, a cold start from the client view against
+   a cold pull, entries per catalog.
 Prints the tables and writes them to bench/results/latest.md.
 """
 
@@ -33,6 +37,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +46,7 @@ sys.path.insert(0, str(HERE))
 
 from isal import igzip  # noqa: E402
 
+from support.debian import minbase_rootfs  # noqa: E402
 from support.images import Blob, Entry, busybox_entries, image, layer  # noqa: E402
 from support.podman import Podman  # noqa: E402
 from support.registry import Registry  # noqa: E402
@@ -49,30 +55,28 @@ LAZYPOD = str(Path(sys.executable).with_name("lazypod"))
 CACHE = Path(os.environ.get("LAZYPOD_BENCH_CACHE", "/var/tmp/lazypod-bench"))
 CONTAINERFILE = """\
 FROM localhost/bench-base:1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 perl libssl3 curl \
-    ca-certificates && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-numpy perl \
+    libssl3 curl ca-certificates && rm -rf /var/lib/apt/lists/*
 RUN rm -rf /usr/share/doc/* /usr/share/man && echo done > /etc/bench-marker
 """
+IMAGE = "localhost/bench:2"
 
 
 def build_image(builder: Podman) -> None:
-    """The benchmark image, in the builder's storage as localhost/bench:1."""
-    if builder("image", "exists", "localhost/bench:1", check=False).returncode == 0:
+    """The benchmark image, in the builder's storage as IMAGE."""
+    if builder("image", "exists", IMAGE, check=False).returncode == 0:
         return
-    rootfs = CACHE / "rootfs"
-    if not (rootfs / "etc/debian_version").exists():
-        print("bench: debootstrap --variant=minbase bookworm (about 30 s)", flush=True)
-        shutil.rmtree(rootfs, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
-                        "http://deb.debian.org/debian"], check=True, stdout=subprocess.DEVNULL)
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    print("bench: debootstrap --variant=minbase bookworm (once, about 30 s)", flush=True)
+    rootfs = minbase_rootfs()
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./.complete", "-c", "."],
+                           stdout=subprocess.PIPE)
     subprocess.run(builder.command("import", "-", "localhost/bench-base:1"), env=builder.env,
                    stdin=tar.stdout, stdout=subprocess.DEVNULL, check=True)
     tar.wait()
     (CACHE / "Containerfile").write_text(CONTAINERFILE)
     print("bench: podman build (apt-get install in a container)", flush=True)
-    builder("build", "--network=host", "-t", "localhost/bench:1", "-f",
-            str(CACHE / "Containerfile"), str(CACHE))
+    builder("build", "--network=host", "-t", IMAGE, "-f", str(CACHE / "Containerfile"),
+            str(CACHE))
 
 
 def settle(drop_caches: bool) -> None:
@@ -119,16 +123,23 @@ def main() -> None:
                              "virtual machines whose memory comes back from the host)")
     parser.add_argument("--big-layer-mib", type=int, default=1024,
                         help="size of the one-layer image for the memory measure (0: skip)")
-    parser.add_argument("--cvmfs-only", action="store_true", help="only the cvmfs benchmark")
+    parser.add_argument("--cvmfs-only", action="store_true", help="only the cvmfs benchmarks")
+    parser.add_argument("--cvmfs-real", action=argparse.BooleanOptionalAction, default=None,
+                        help="the real stratum 0 benchmark (default: when cvmfs_server is "
+                             "installed)")
     args = parser.parse_args()
+    import cvmfs  # bench/cvmfs.py
+    import cvmfs_real  # bench/cvmfs_real.py
+
     sections = [] if args.cvmfs_only else [podman_comparison(args)]
     if args.big_layer_mib and not args.cvmfs_only:
         sections.append(big_layer_memory(args.big_layer_mib))
     if not args.cvmfs_only:
         sections.append(client_views(100))
-    import cvmfs  # bench/cvmfs.py
-
     sections.append(cvmfs.main())
+    real = cvmfs_real.available() if args.cvmfs_real is None else args.cvmfs_real
+    if real:
+        sections.append(with_bench_image(cvmfs_real.main))
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / "latest.md").write_text("\n\n".join(sections) + "\n")
@@ -202,6 +213,24 @@ def big_layer_memory(mib: int) -> str:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def with_bench_image(measure: Callable[[Podman, Registry, str, int], str]) -> str:
+    """Run `measure(builder, registry, name, unpacked bytes)` with the bench image
+    pushed to a fresh registry."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lazypod-bench-", dir="/var/tmp"))
+    builder = Podman(CACHE / "builder", runroot=Path("/tmp/lazypod-bench-builder"))
+    registry = Registry(work)
+    try:
+        build_image(builder)
+        name = f"{registry.host}/bench/debian:1"
+        builder("push", "-q", "--tls-verify=false", IMAGE, f"docker://{name}")
+        size = int(builder.text("image", "inspect", "--format", "{{.Size}}", IMAGE))
+        return measure(builder, registry, name, size)
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def podman_comparison(args: argparse.Namespace) -> str:
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lazypod-bench-", dir="/var/tmp"))
@@ -210,10 +239,9 @@ def podman_comparison(args: argparse.Namespace) -> str:
     try:
         build_image(builder)
         name = f"{registry.host}/bench/debian:1"
-        builder("push", "-q", "--tls-verify=false", "localhost/bench:1", f"docker://{name}")
-        size = builder.text("image", "inspect", "--format", "{{.Size}}", "localhost/bench:1")
-        layers = builder.text("image", "inspect", "--format", "{{len .RootFS.Layers}}",
-                              "localhost/bench:1")
+        builder("push", "-q", "--tls-verify=false", IMAGE, f"docker://{name}")
+        size = builder.text("image", "inspect", "--format", "{{.Size}}", IMAGE)
+        layers = builder.text("image", "inspect", "--format", "{{len .RootFS.Layers}}", IMAGE)
 
         pull_times, convert_times, convert_rss = [], [], []
         for round_ in range(args.rounds):

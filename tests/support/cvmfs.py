@@ -192,7 +192,9 @@ class RealRepo:
     def inject(self, **faults: Any) -> None:
         state = self._shim()
         state["fail"] = faults
-        self._shim_state.write_text(json.dumps(state))
+        temp = self._shim_state.with_suffix(".tmp")
+        temp.write_text(json.dumps(state))
+        os.replace(temp, self._shim_state)
 
     def server(self, *args: str, input: bytes | None = None,
                check: bool = False) -> subprocess.CompletedProcess[bytes]:

@@ -135,13 +135,14 @@ class _Tee:
 
 @contextlib.contextmanager
 def _locked(path: Path):  # type: ignore[no-untyped-def]
-    with open(path, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        state = json.load(f)
+    """Read, change and replace the state file whole (readers never see half of it)."""
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(path.read_text())
         yield state
-        f.seek(0)
-        f.truncate()
-        json.dump(state, f)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps(state))
+        os.replace(temp, path)
 
 
 if __name__ == "__main__":
