@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def test_server_errors_are_retried(registry, proxy, lazypod, repo):
     registry.push("test/retry", "1", img)
     proxy.faults.status_once["/manifests/1"] = 503
     proc = lazypod.convert(f"{proxy.host}/test/retry:1", repo)
-    assert "HTTP 503, retrying" in proc.stderr
+    assert "HTTP 503; retrying" in proc.stderr
     assert (repo / ".metadata" / proxy.host / "test/retry:1" / "manifest.json").exists()
 
 
@@ -192,3 +193,28 @@ def test_credential_helpers_are_asked(token_registry, private_image, lazypod, re
                            check=False)
     assert proc.returncode == 1
     assert "docker-credential-missing, which is not installed" in proc.stderr
+
+
+def test_a_manifest_or_config_that_breaks_off_is_fetched_again(registry, proxy, lazypod,
+                                                                 repo):
+    img = image([layer(busybox_entries())], label="dropped-small")
+    registry.push("test/dropped", "1", img)
+    proxy.faults.drop_once.update({"/manifests/1", img.config_digest})
+    proc = lazypod.convert(f"{proxy.host}/test/dropped:1", repo)
+    assert proc.stderr.count("connection dropped") == 2
+    assert (repo / ".metadata" / proxy.host / "test/dropped:1" / "config.json").exists()
+
+
+def test_a_registry_that_keeps_failing_is_retried_for_a_while(registry, proxy, lazypod, repo):
+    img = image([layer(busybox_entries())], label="many-503")
+    registry.push("test/flaky503", "1", img)
+    proxy.faults.status_times["/manifests/1"] = [503, 5]  # 5 in a row: about 8 s
+    lazypod.convert(f"{proxy.host}/test/flaky503:1", repo)
+
+    proxy.faults.status["/manifests/1"] = 503  # for good
+    started = time.monotonic()
+    proc = lazypod.convert(f"{proxy.host}/test/flaky503:1", repo, "--retry-for", "3",
+                           check=False)
+    assert proc.returncode == 1 and 2.5 < time.monotonic() - started < 20
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("lazypod: error:")]
+    assert len(lines) == 1 and "HTTP 503" in lines[0] and "tried for" in lines[0]

@@ -41,7 +41,7 @@ from .podman_config import PodmanConfig
 from .progress import make_progress
 from .recipe import load_recipe
 from .reference import ImageReference, parse_reference
-from .registry import RegistryClient
+from .registry import RegistryClient, insecure_registries_from_conf
 from .repository import RepositoryState
 from .views import ViewOptions
 
@@ -110,6 +110,10 @@ def main(verbose: int, log_format: str) -> None:
 
 
 def _registry_options(func: F) -> F:
+    func = click.option("--retry-for", type=click.FloatRange(min=0), default=60.0,
+                        show_default=True, metavar="SECONDS",
+                        help="How long a registry that fails transiently (5xx, 429, "
+                             "dropped connections) is retried before an image fails.")(func)
     func = click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
                         help="Allow plain HTTP (or unverified TLS) for this registry; "
                              "repeatable. registries.conf `insecure = true` works too.")(func)
@@ -178,11 +182,18 @@ def cvmfs_config(repository: str, *, public_root: str | None, force: bool,
     )
 
 
+def registry_client(insecure: tuple[str, ...], retry_for: float = 60.0) -> RegistryClient:
+    """The registry client, with podman's registries.conf read once, here."""
+    return RegistryClient(insecure=set(insecure) | insecure_registries_from_conf(),
+                          retry_for=retry_for)
+
+
 def _run_conversion(
     references: list[ImageReference],
     repository: str,
     *,
     insecure: tuple[str, ...],
+    retry_for: float,
     platform: str | None,
     skip_podman: bool,
     skip_flat: bool,
@@ -202,7 +213,7 @@ def _run_conversion(
     )
     reporter = make_progress(progress)
     try:
-        with RegistryClient(insecure=insecure) as registry:
+        with registry_client(insecure, retry_for) as registry:
             expanded: list[ImageReference] = []
             for ref in references:
                 expanded += expand_wildcards(registry, ref)
@@ -453,7 +464,7 @@ def views(repository: Path, into: Path, offline: bool, no_layer_store: bool,
     """Build a podman image store and layer store for REPOSITORY (e.g. one written by
     DUCC, read-only) into a local directory; no root needed, nothing copied. Prints
     the podman settings that use them."""
-    registry = None if offline else RegistryClient(insecure=insecure)
+    registry = None if offline else registry_client(insecure)
     try:
         report = build_client_views(repository, into, registry=registry,
                                     public_root=public_root, layer_store=not no_layer_store)

@@ -20,13 +20,27 @@ from dataclasses import dataclass, field
 from .backend import Backend, PublishRun, StagedLayer
 from .compression import MeasuringReader, open_decompressed
 from .digest import Digest
-from .errors import IntegrityError, LazypodError, RegistryUnreachable
+from .errors import (
+    AuthenticationFailed,
+    ImageNotFound,
+    IntegrityError,
+    LazypodError,
+    RegistryError,
+    RegistryUnreachable,
+)
 from .fsutil import read_or_none
 from .layout import METADATA
-from .manifest import Descriptor, Platform
+from .manifest import (
+    Descriptor,
+    ImageConfig,
+    ImageManifest,
+    ManifestIndex,
+    Platform,
+    parse_manifest,
+)
 from .progress import CountingReader, NullProgress, ProgressReporter
 from .reference import ImageReference
-from .registry import RegistryClient, ResolvedImage
+from .registry import RegistryClient, ResolvedImage, checked_image
 from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .tarstream import TarReader
 from .unpack import TarSplitWriter, unpack_layer
@@ -89,6 +103,7 @@ class Converter:
         self._registry = registry
         self._options = options or ConvertOptions()
         self._progress = progress or NullProgress()
+        self._configs: dict[Digest, ImageConfig] = {}
 
     def convert(self, references: Iterable[ImageReference]) -> RunReport:
         report = RunReport()
@@ -110,10 +125,7 @@ class Converter:
         result = ImageResult(ref)
         started = time.monotonic()
         try:
-            config_path = run.layout.image_dir(ref.public_name) / "config.json"
-            image = self._registry.resolve(
-                ref, self._options.platform, lambda _digest: read_or_none(config_path)
-            )
+            image = self._resolve(run, ref)
             result.manifest_digest = image.manifest.digest
             result.layers = len(image.manifest.layers)
             self._fetch_layers(run, image, result)
@@ -125,6 +137,32 @@ class Converter:
             result.error = str(exc)  # reported by the caller, once
         result.seconds = time.monotonic() - started
         return result
+
+    def _resolve(self, run: PublishRun, ref: ImageReference) -> ResolvedImage:
+        """The image as the registry has it now. When the repository already holds
+        that very manifest (a HEAD request tells), nothing else is fetched; a config the
+        repository holds is never fetched again."""
+        local = _stored_image(run, ref, self._options.platform)
+        if local is not None:
+            try:
+                current = self._registry.head_digest(ref)
+            except (ImageNotFound, AuthenticationFailed):
+                raise
+            except RegistryError:  # a registry that does not answer HEAD: ask with GET
+                current = None
+            if current is not None and current == local.top_digest:
+                return local.image
+        index, manifest = self._registry.resolve_manifest(ref, self._options.platform)
+        config = self._configs.get(manifest.config.digest)
+        if config is None:
+            raw = read_or_none(run.layout.image_dir(ref.public_name) / "config.json")
+            if raw is not None and Digest.of(raw, manifest.config.digest.algorithm) == \
+                    manifest.config.digest:
+                config = ImageConfig.parse(raw, manifest.config.digest)
+            else:
+                config = self._registry.get_config(ref, manifest)
+            self._configs[manifest.config.digest] = config  # tags sharing it fetch it once
+        return checked_image(ref, manifest, config, index)
 
     def _fetch_layers(self, run: PublishRun, image: ResolvedImage, result: ImageResult) -> None:
         wanted: dict[Digest, tuple[Descriptor, Digest]] = {}
@@ -233,6 +271,45 @@ class Converter:
                 run.remove(f"{base}/{name}")
             elif data is not None and current != data:
                 run.write_file(f"{base}/{name}", data)
+
+
+@dataclass(frozen=True)
+class _StoredImage:
+    image: ResolvedImage
+    top_digest: Digest  # of index.json when the tag is multi-platform, else manifest.json
+
+
+def _stored_image(run: PublishRun, ref: ImageReference,
+                  platform: Platform | None) -> _StoredImage | None:
+    """The image as a previous run stored it, if every part is there and sound (and,
+    for a multi-platform tag, the stored platform is the one asked for)."""
+    directory = run.layout.image_dir(ref.public_name)
+    raw_manifest = read_or_none(directory / "manifest.json")
+    raw_config = read_or_none(directory / "config.json")
+    if raw_manifest is None or raw_config is None:
+        return None
+    raw_index = read_or_none(directory / "index.json")
+    try:
+        manifest = parse_manifest(raw_manifest, None, Digest.of(raw_manifest))
+        if not isinstance(manifest, ImageManifest):
+            return None
+        if Digest.of(raw_config, manifest.config.digest.algorithm) != manifest.config.digest:
+            return None
+        config = ImageConfig.parse(raw_config, manifest.config.digest)
+        index = None
+        if raw_index is not None:
+            parsed = parse_manifest(raw_index, None, Digest.of(raw_index))
+            if not isinstance(parsed, ManifestIndex):
+                return None
+            if parsed.select(platform or Platform.host()).digest != manifest.digest:
+                return None
+            index = parsed
+        image = checked_image(ref, manifest, config, index)
+    except LazypodError:
+        return None
+    if not all(desc.is_foreign or run.has_layer(desc.digest) for desc in manifest.layers):
+        return None
+    return _StoredImage(image, index.digest if index is not None else manifest.digest)
 
 
 def expand_wildcards(registry: RegistryClient, ref: ImageReference) -> list[ImageReference]:

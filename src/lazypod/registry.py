@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .errors import (
     AuthenticationFailed,
     ImageNotFound,
     IntegrityError,
+    LazypodError,
     RegistryError,
     RegistryUnreachable,
     UnsupportedImage,
@@ -68,6 +70,20 @@ class ResolvedImage:
     index: ManifestIndex | None = None
 
 
+def checked_image(ref: ImageReference, manifest: ImageManifest, config: ImageConfig,
+                  index: ManifestIndex | None) -> ResolvedImage:
+    """An image whose config and manifest agree, with layers lazypod can unpack."""
+    if len(config.diff_ids) != len(manifest.layers):
+        raise UnsupportedImage(
+            f"{ref}: the config lists {len(config.diff_ids)} layers but the manifest "
+            f"{len(manifest.layers)}"
+        )
+    for layer in manifest.layers:
+        if not layer.is_foreign:
+            _ = layer.compression  # raise early on layer types we cannot unpack
+    return ResolvedImage(ref, manifest, config, index)
+
+
 class _Transport:
     """One registry host: which scheme works, which tokens we hold."""
 
@@ -75,33 +91,77 @@ class _Transport:
         self.host = host
         self.scheme = scheme
         self.tokens: dict[str, str] = {}  # scope -> Authorization header value
+        self.lock = threading.Lock()  # one token request per scope at a time
+
+
+class _Retry:
+    """The retry budget of one request: transient failures (connection errors, drops
+    mid-body, 429, 5xx) are retried with exponential backoff, honouring Retry-After,
+    until `retry_for` seconds have passed since the first failure."""
+
+    def __init__(self, retry_for: float, backoff: float, what: str) -> None:
+        self._retry_for = retry_for
+        self._backoff = backoff
+        self._what = what
+        self._first: float | None = None
+        self._attempt = 0
+
+    def wait(self, error: RegistryError, retry_after: str | None = None, *,
+             budget: float | None = None) -> None:
+        """Sleep before the next attempt, or raise `error` once the budget is spent
+        (`budget`: a shorter one for this kind of failure)."""
+        now = time.monotonic()
+        if self._first is None:
+            self._first = now
+        self._attempt += 1
+        delay = min(self._backoff * 2 ** (self._attempt - 1), 16.0)
+        if retry_after and retry_after.strip().isdigit():
+            delay = max(delay, min(float(retry_after), 60.0))
+        allowed = self._retry_for if budget is None else min(budget, self._retry_for)
+        if now + delay > self._first + allowed:
+            if self._attempt > 1:
+                raise type(error)(f"{error} (tried for {now - self._first:.0f} s)")
+            raise error
+        log.warning("%s; retrying in %.1fs", error, delay)
+        time.sleep(delay)
+
+
+class _Dropped(RegistryUnreachable):
+    """The connection broke off in the middle of a response body."""
 
 
 class RegistryClient:
-    """Fetch manifests, configs and blobs. Thread-safe for concurrent blob downloads."""
+    """Fetch manifests, configs and blobs; thread-safe (blobs are fetched concurrently).
+
+    `insecure`: registries (host[:port]) reached over plain HTTP or unverified TLS.
+    `retry_for`: how long transient failures of one request are retried.
+    `transport`: an httpx transport to use instead of the network (tests)."""
 
     def __init__(
         self,
         *,
         insecure: Iterable[str] = (),
-        attempts: int = 4,
+        retry_for: float = 60.0,
         backoff: float = 0.5,
         timeout: float = 60.0,
         auth_files: Iterable[Path] | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._insecure = set(insecure) | insecure_registries_from_conf()
-        self._attempts = max(1, attempts)
+        self._insecure = set(insecure)
+        self._retry_for = retry_for
         self._backoff = backoff
         self._auth_files = list(auth_files) if auth_files is not None else None
         headers = {"User-Agent": f"lazypod/{__version__}", "Accept-Encoding": "identity"}
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
         tmo = httpx.Timeout(timeout, connect=15.0)
         self._http = httpx.Client(headers=headers, limits=limits, timeout=tmo,
-                                  follow_redirects=True)
+                                  follow_redirects=True, transport=transport)
         self._http_noverify = httpx.Client(headers=headers, limits=limits, timeout=tmo,
-                                           follow_redirects=True, verify=False)
+                                           follow_redirects=True, verify=False,
+                                           transport=transport)
         self._transports: dict[str, _Transport] = {}
         self._credentials: dict[tuple[str, str], Credentials | None] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -115,51 +175,52 @@ class RegistryClient:
 
     # ---- public API -------------------------------------------------------
 
-    def resolve(
-        self,
-        ref: ImageReference,
-        platform: Platform | None = None,
-        known_config: Callable[[Digest], bytes | None] | None = None,
-    ) -> ResolvedImage:
-        """Fetch and verify the manifest (choosing a platform from an index) and the config.
+    def head_digest(self, ref: ImageReference) -> Digest | None:
+        """The digest the registry gives for the tag (or digest) with a HEAD request,
+        which Docker Hub does not count against its pull limit; None when the registry
+        gives no `Docker-Content-Digest`."""
+        path = f"/v2/{ref.repository}/manifests/{ref.manifest_ref}"
+        headers = {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}
+        with self._stream(ref, "HEAD", path, headers=headers, what=f"manifest of {ref}") as resp:
+            value = resp.headers.get("Docker-Content-Digest")
+        try:
+            return Digest.parse(value) if value else None
+        except LazypodError:
+            return None
 
-        `known_config` may supply the config from a local copy (verified here), so a
-        conversion that is already done downloads no blob at all."""
+    def resolve_manifest(
+        self, ref: ImageReference, platform: Platform | None = None
+    ) -> tuple[ManifestIndex | None, ImageManifest]:
+        """Fetch and verify the manifest, choosing a platform from an index."""
         top = self.get_manifest(ref, ref.manifest_ref)
         if ref.digest is not None and top.digest != ref.digest:
             raise IntegrityError(f"manifest of {ref} has digest {top.digest}, not {ref.digest}")
-        index: ManifestIndex | None = None
-        manifest = top
-        if isinstance(top, ManifestIndex):
-            index = top
-            entry = top.select(platform or Platform.host())
-            manifest = self.get_manifest(ref, str(entry.digest))
-            if manifest.digest != entry.digest:
-                raise IntegrityError(f"manifest {entry.digest} of {ref} does not match its digest")
-            if isinstance(manifest, ManifestIndex):
-                raise UnsupportedImage(f"{ref}: an index inside an index is not supported")
-        assert isinstance(manifest, ImageManifest)
-        config_raw = known_config(manifest.config.digest) if known_config else None
-        if config_raw is None or Digest.of(config_raw, manifest.config.digest.algorithm) != \
-                manifest.config.digest:
-            config_raw = self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE, "image config")
-        config = ImageConfig.parse(config_raw, manifest.config.digest)
-        wanted = [layer for layer in manifest.layers if not layer.is_foreign]
-        if len(config.diff_ids) != len(manifest.layers):
-            raise UnsupportedImage(
-                f"{ref}: the config lists {len(config.diff_ids)} layers but the manifest "
-                f"{len(manifest.layers)}"
-            )
-        for layer in wanted:
-            _ = layer.compression  # raise early on layer types we cannot unpack
-        return ResolvedImage(ref, manifest, config, index)
+        if not isinstance(top, ManifestIndex):
+            return None, top
+        entry = top.select(platform or Platform.host())
+        manifest = self.get_manifest(ref, str(entry.digest))
+        if manifest.digest != entry.digest:
+            raise IntegrityError(f"manifest {entry.digest} of {ref} does not match its digest")
+        if isinstance(manifest, ManifestIndex):
+            raise UnsupportedImage(f"{ref}: an index inside an index is not supported")
+        return top, manifest
+
+    def get_config(self, ref: ImageReference, manifest: ImageManifest) -> ImageConfig:
+        raw = self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE, "image config")
+        return ImageConfig.parse(raw, manifest.config.digest)
+
+    def resolve(self, ref: ImageReference, platform: Platform | None = None) -> ResolvedImage:
+        """Manifest (platform chosen) and config, both verified."""
+        index, manifest = self.resolve_manifest(ref, platform)
+        config = self.get_config(ref, manifest)
+        return checked_image(ref, manifest, config, index)
 
     def get_manifest(self, ref: ImageReference, reference: str) -> ImageManifest | ManifestIndex:
         path = f"/v2/{ref.repository}/manifests/{reference}"
         headers = {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}
-        with self._stream(ref, "GET", path, headers=headers, what=f"manifest of {ref}") as resp:
-            raw = _read_limited(resp, MAX_MANIFEST_SIZE, f"manifest of {ref}")
-            content_type = resp.headers.get("Content-Type")
+        raw, resp_headers = self._get_bytes(ref, path, headers=headers,
+                                            what=f"manifest of {ref}", limit=MAX_MANIFEST_SIZE)
+        content_type = resp_headers.get("Content-Type")
         digest = Digest.of(raw)
         if reference.startswith("sha") and ":" in reference:
             expected = Digest.parse(reference)
@@ -172,16 +233,14 @@ class RegistryClient:
         return parse_manifest(raw, content_type, digest)
 
     def get_blob_bytes(self, ref: ImageReference, desc: Descriptor, limit: int, what: str) -> bytes:
+        """A small blob (a config), whole and verified; a drop is retried."""
         if desc.size > limit:
             raise UnsupportedImage(f"{what} {desc.digest} of {ref} is {desc.size} bytes: too big")
-        with self.open_blob(ref, desc, what=what) as reader:
-            data = reader.read(desc.size + 1)
-            while True:
-                more = reader.read(1 << 16)
-                if not more:
-                    break
-                data += more
-        return data
+        path = f"/v2/{ref.repository}/blobs/{desc.digest}"
+        raw, _ = self._get_bytes(ref, path, what=f"{what} {desc.digest.short} of {ref}",
+                                 limit=limit)
+        reader = VerifyingReader(_BytesReader(raw), desc.digest, desc.size, what=what)
+        return reader.read(-1) + reader.read(1)
 
     @contextlib.contextmanager
     def open_blob(
@@ -198,26 +257,25 @@ class RegistryClient:
         tags: list[str] = []
         path: str | None = f"/v2/{ref.repository}/tags/list?n=1000"
         while path:
-            with self._stream(ref, "GET", path, what=f"tags of {ref}") as resp:
-                body = _read_limited(resp, 16 << 20, f"tags of {ref}")
-                link = resp.headers.get("Link")
+            body, headers = self._get_bytes(ref, path, what=f"tags of {ref}", limit=16 << 20)
             try:
                 tags.extend(json.loads(body).get("tags") or [])
             except (ValueError, AttributeError):
                 raise RegistryError(f"registry {ref.registry} sent a malformed tag list") from None
-            path = _next_link(link)
+            path = _next_link(headers.get("Link"))
         return tags
 
     # ---- transport --------------------------------------------------------
 
     def _transport(self, ref: ImageReference) -> _Transport:
         host = ref.api_host
-        transport = self._transports.get(host)
-        if transport is None:
-            scheme = ref.scheme if ref.scheme == "http" else None
-            if scheme is None and not self._is_insecure(ref):
-                scheme = "https"
-            transport = self._transports[host] = _Transport(host, scheme)
+        with self._lock:
+            transport = self._transports.get(host)
+            if transport is None:
+                scheme = ref.scheme if ref.scheme == "http" else None
+                if scheme is None and not self._is_insecure(ref):
+                    scheme = "https"
+                transport = self._transports[host] = _Transport(host, scheme)
         return transport
 
     def _is_insecure(self, ref: ImageReference) -> bool:
@@ -225,11 +283,25 @@ class RegistryClient:
 
     def _creds(self, ref: ImageReference) -> Credentials | None:
         key = (ref.podman_registry, ref.repository)
-        if key not in self._credentials:
-            self._credentials[key] = find_credentials(
-                ref.podman_registry, ref.repository, self._auth_files
-            )
-        return self._credentials[key]
+        with self._lock:
+            if key not in self._credentials:
+                self._credentials[key] = find_credentials(
+                    ref.podman_registry, ref.repository, self._auth_files
+                )
+            return self._credentials[key]
+
+    def _get_bytes(self, ref: ImageReference, path: str, *, what: str, limit: int,
+                   headers: dict[str, str] | None = None) -> tuple[bytes, httpx.Headers]:
+        """A whole (small) response body; a connection that drops mid-body is retried
+        within the same budget as any other transient failure."""
+        retry = _Retry(self._retry_for, self._backoff, what)
+        while True:
+            try:
+                with self._stream(ref, "GET", path, what=what, headers=headers,
+                                  retry=retry) as resp:
+                    return _read_limited(resp, limit, what), resp.headers
+            except _Dropped as exc:
+                retry.wait(exc)
 
     @contextlib.contextmanager
     def _stream(
@@ -240,68 +312,79 @@ class RegistryClient:
         *,
         what: str,
         headers: dict[str, str] | None = None,
+        retry: _Retry | None = None,
     ) -> Iterator[httpx.Response]:
         transport = self._transport(ref)
         scope = f"repository:{ref.repository}:pull"
-        authed_once = False
-        attempt = 0
+        retry = retry or _Retry(self._retry_for, self._backoff, what)
+        authed = False
         while True:
-            attempt += 1
             url = f"{self._scheme(transport, ref)}://{transport.host}{path}"
             req_headers = dict(headers or {})
-            if scope in transport.tokens:
-                req_headers["Authorization"] = transport.tokens[scope]
-            client = self._client_for(transport, ref)
+            token = transport.tokens.get(scope)
+            if token:
+                req_headers["Authorization"] = token
+            client = self._client_for(ref)
             try:
-                request = client.build_request(method, url, headers=req_headers)
-                resp = client.send(request, stream=True)
+                resp = client.send(client.build_request(method, url, headers=req_headers),
+                                   stream=True)
             except httpx.TransportError as exc:
-                if attempt < self._attempts:
-                    self._sleep(attempt, None, what, exc.__class__.__name__)
-                    continue
-                raise RegistryUnreachable(_unreachable_message(ref, exc)) from None
+                unreachable = RegistryUnreachable(_unreachable_message(ref, exc))
+                if _is_tls_mismatch(exc):
+                    raise unreachable from None  # no retry makes HTTPS of HTTP work
+                # A registry that is down may come back soon, but no one should wait a
+                # minute for a mistyped name: connection failures get a shorter budget.
+                retry.wait(unreachable, budget=_CONNECT_BUDGET if isinstance(
+                    exc, httpx.ConnectError) else None)
+                continue
+            except httpx.HTTPError as exc:  # redirects, invalid URLs: nothing to retry
+                raise RegistryError(f"{what}: {exc}") from None
             try:
-                if resp.status_code == 401 and not authed_once:
-                    authed_once = True
+                if resp.status_code == 401 and not authed:
+                    authed = True
                     challenge = resp.headers.get("WWW-Authenticate", "")
                     resp.close()
-                    transport.tokens[scope] = self._authenticate(ref, challenge, scope)
-                    attempt -= 1
+                    self._refresh_token(transport, ref, challenge, scope, token)
                     continue
-                if resp.status_code in _RETRY_STATUS and attempt < self._attempts:
+                if resp.status_code in _RETRY_STATUS:
                     retry_after = resp.headers.get("Retry-After")
                     resp.close()
-                    self._sleep(attempt, retry_after, what, f"HTTP {resp.status_code}")
+                    retry.wait(_http_error(ref, resp.status_code, b"", what, None), retry_after)
                     continue
                 if resp.status_code >= 400:
-                    body = resp.read()[:4096] if resp.status_code != 416 else b""
+                    body = b""
+                    if method != "HEAD" and resp.status_code != 416:
+                        with contextlib.suppress(httpx.HTTPError):
+                            body = resp.read()[:4096]
                     raise _http_error(ref, resp.status_code, body, what, self._creds(ref))
                 yield resp
                 return
             finally:
                 resp.close()
 
+    def _refresh_token(self, transport: _Transport, ref: ImageReference, challenge: str,
+                       scope: str, stale: str | None) -> None:
+        """A token for `scope`, one request at a time: another worker may have got a
+        fresh one meanwhile (tokens are shared by every image of a repository)."""
+        with transport.lock:
+            if transport.tokens.get(scope) not in (None, stale):
+                return
+            transport.tokens[scope] = self._authenticate(ref, challenge, scope)
+
     def _scheme(self, transport: _Transport, ref: ImageReference) -> str:
-        if transport.scheme is None:
-            # An insecure registry: HTTPS without verification if it speaks TLS, else HTTP.
-            try:
-                self._http_noverify.get(f"https://{transport.host}/v2/", timeout=5.0)
-                transport.scheme = "https"
-            except httpx.TransportError:
-                transport.scheme = "http"
-            log.debug("registry %s: using %s", transport.host, transport.scheme)
-        return transport.scheme
+        with transport.lock:
+            if transport.scheme is None:
+                # An insecure registry: HTTPS without verification if it speaks TLS.
+                try:
+                    self._http_noverify.get(f"https://{transport.host}/v2/", timeout=5.0)
+                    transport.scheme = "https"
+                except httpx.HTTPError:
+                    transport.scheme = "http"
+                log.debug("registry %s: using %s", transport.host, transport.scheme)
+            return transport.scheme
 
-    def _client_for(self, transport: _Transport, ref: ImageReference) -> httpx.Client:
+    def _client_for(self, ref: ImageReference) -> httpx.Client:
         return self._http_noverify if self._is_insecure(ref) else self._http
-
-    def _sleep(self, attempt: int, retry_after: str | None, what: str, why: str) -> None:
-        delay = self._backoff * (2 ** (attempt - 1))
-        if retry_after and retry_after.isdigit():
-            delay = max(delay, min(float(retry_after), 60.0))
-        log.warning("%s: %s, retrying in %.1fs (attempt %d of %d)", what, why, delay,
-                    attempt + 1, self._attempts)
-        time.sleep(delay)
 
     def _authenticate(self, ref: ImageReference, challenge: str, scope: str) -> str:
         creds = self._creds(ref)
@@ -325,7 +408,7 @@ class RegistryClient:
         auth = (creds.username, creds.password) if creds and creds.username != "<token>" else None
         try:
             resp = self._http.get(params["realm"], params=query, auth=auth)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise RegistryUnreachable(
                 f"token service {params['realm']} of {ref.registry} is unreachable: {exc}"
             ) from None
@@ -357,10 +440,18 @@ def _basic_header(creds: Credentials) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
+_CONNECT_BUDGET = 10.0
+
+
+def _is_tls_mismatch(exc: httpx.TransportError) -> bool:
+    reason = str(exc)
+    return "SSL" in reason or "certificate" in reason.lower() or "wrong version" in reason
+
+
 def _unreachable_message(ref: ImageReference, exc: httpx.TransportError) -> str:
     reason = str(exc) or exc.__class__.__name__
     hint = "check the name, the network and the proxy settings"
-    if "SSL" in reason or "certificate" in reason.lower() or "wrong version" in reason:
+    if _is_tls_mismatch(exc):
         hint = (
             f"if {ref.registry} serves plain HTTP, allow it with "
             f"--insecure-registry {ref.registry}"
@@ -402,9 +493,22 @@ def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
             data += chunk
             if len(data) > limit:
                 raise UnsupportedImage(f"{what} is larger than {limit} bytes")
-    except httpx.TransportError as exc:
-        raise RegistryUnreachable(f"{what}: connection dropped ({exc})") from None
+    except httpx.HTTPError as exc:
+        raise _Dropped(f"{what}: connection dropped ({exc})") from None
+    expected = resp.headers.get("Content-Length")
+    if expected and expected.isdigit() and int(expected) != len(data):
+        raise _Dropped(f"{what}: connection dropped ({len(data)} of {expected} bytes)")
     return bytes(data)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._data if n < 0 else self._data[:n]
+        self._data = self._data[len(chunk):]
+        return bytes(chunk)
 
 
 def _next_link(link: str | None) -> str | None:
@@ -441,8 +545,8 @@ class _ResponseReader:
                     self._buffer = chunk
                     break
                 self._buffer += chunk
-        except httpx.TransportError as exc:
-            raise RegistryUnreachable(f"{self._what}: connection dropped ({exc})") from None
+        except httpx.HTTPError as exc:
+            raise _Dropped(f"{self._what}: connection dropped ({exc})") from None
         data, self._buffer = self._buffer[:n], self._buffer[n:]
         return data
 

@@ -17,10 +17,11 @@ from .registry import free_port
 class Faults:
     corrupt: set[str] = field(default_factory=set)   # blob digests: flip a byte
     truncate: set[str] = field(default_factory=set)  # blob digests: stop half-way
-    drop_once: set[str] = field(default_factory=set)  # blob digests: close mid-body once
+    drop_once: set[str] = field(default_factory=set)  # path suffixes: close mid-body once
     slow: dict[str, float] = field(default_factory=dict)  # digest -> seconds per 64 KiB
     status: dict[str, int] = field(default_factory=dict)  # path suffix -> forced status
     status_once: dict[str, int] = field(default_factory=dict)  # the same, one time
+    status_times: dict[str, list[int]] = field(default_factory=dict)  # suffix -> [status, n]
 
 
 class FaultyProxy:
@@ -46,7 +47,12 @@ class FaultyProxy:
             def _forward(self, head: bool) -> None:
                 faults = proxy.faults
                 once = [s for s in faults.status_once if self.path.endswith(s)]
-                for suffix, status in [*faults.status.items(),
+                times = []
+                for suffix, (status, left) in list(faults.status_times.items()):
+                    if self.path.endswith(suffix) and left > 0:
+                        faults.status_times[suffix] = [status, left - 1]
+                        times.append((suffix, status))
+                for suffix, status in [*faults.status.items(), *times,
                                        *((s, faults.status_once.pop(s)) for s in once)]:
                     if self.path.endswith(suffix):
                         self.send_response(status)
@@ -74,8 +80,9 @@ class FaultyProxy:
                     self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
                     return
-                if digest in faults.drop_once:
-                    faults.drop_once.discard(digest)
+                dropped = next((k for k in faults.drop_once if self.path.endswith(k)), None)
+                if dropped is not None:
+                    faults.drop_once.discard(dropped)
                     self.wfile.write(body[: len(body) // 3])
                     self.wfile.flush()
                     self.close_connection = True
