@@ -107,6 +107,9 @@ def tree_of(root: Path) -> dict[str, tuple[int, int, int, bytes | str]]:
         for name in dirnames + filenames:
             path = Path(dirpath, name)
             st = path.lstat()
+            if name == ".lazypod.lock":  # holds the pid of the last run
+                out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, 0, b"")
+                continue
             if path.is_symlink():
                 content: bytes | str = os.readlink(path)
             elif path.is_file() and name != ".lazypod.lock":

@@ -24,10 +24,12 @@ from typing import Any
 import fastcrc
 
 from .errors import LazypodError
+from .fsutil import read_or_none
 from .layout import PODMAN_LAYERS, PODMAN_STORE, STAGING, Layout
 from .repository import TAR_SPLIT, LayerRecord, RepositoryState
 from .securepath import LayerDir, clean_member_name, display
-from .views.podman_store import IMAGES_JSON, IMAGES_LOCK, LAYERS_JSON, LAYERS_LOCK
+from .views.podman_store import big_data_file_name, build_store_model
+from .views.store_files import IMAGES_LOCK, LAYERS_LOCK, read_store
 
 __all__ = ["CheckReport", "check_repository", "verify_layer"]
 
@@ -52,7 +54,8 @@ def check_repository(
 ) -> CheckReport:
     layout = Layout(root)
     state = RepositoryState.load(layout)
-    report = CheckReport(images=len(state.images), layers=len(state.layers))
+    report = CheckReport(images=len(state.images) + len(state.unreadable),
+                         layers=len(state.layers))
     report.errors += state.problems
     public = (public_root or str(root.absolute())).rstrip("/")
 
@@ -66,6 +69,8 @@ def check_repository(
                 continue
             if record is None:
                 report.errors.append(f"{name}: layer {blob.digest.short} is missing")
+            elif record.damaged:
+                pass  # reported with the layer
             elif not record.complete:
                 report.errors.append(f"{name}: layer {blob.digest.short} is incomplete "
                                      "(no layers.json): convert the image again")
@@ -93,8 +98,9 @@ def check_repository(
                 report.verified_layers += 1
                 report.verified_bytes += record.diff_size or 0
 
-    _check_store(root, public, report)
+    _check_store(state, public, report)
     _check_layer_store(root, public, report)
+    _check_mount(root, report)
     if (root / STAGING).exists():
         report.warnings.append(f"{STAGING} exists: a run is going on, or one was killed "
                                "(the next run cleans it up)")
@@ -108,40 +114,43 @@ def _local(target: str, public: str, root: Path) -> Path:
     return Path(target)
 
 
-def _check_store(root: Path, public: str, report: CheckReport) -> None:
-    store = root / PODMAN_STORE
-    if not store.exists():
+def _check_store(state: RepositoryState, public: str, report: CheckReport) -> None:
+    """What podman sees: every image the repository should offer is offered, and
+    every store entry is one podman accepts."""
+    root = state.layout.root
+    store_root = root / PODMAN_STORE
+    if not store_root.exists():
         return
     for lock in (IMAGES_LOCK, LAYERS_LOCK):
-        path = store / lock
+        path = store_root / lock
         if not path.is_file():
             report.errors.append(f"{PODMAN_STORE}/{lock} is missing: podman refuses the store")
         elif path.stat().st_mode & 0o444 != 0o444:
             report.errors.append(f"{PODMAN_STORE}/{lock} is not world-readable: rootless "
                                  "podman cannot open it")
-    try:
-        images = json.loads((store / IMAGES_JSON).read_bytes())
-        layers = {entry["id"]: entry for entry in json.loads((store / LAYERS_JSON).read_bytes())}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        report.errors.append(f"{PODMAN_STORE}: unreadable images.json or layers.json ({exc})")
-        return
+    store = read_store(store_root)
+    for problem in store.problems:
+        report.errors.append(f"{PODMAN_STORE}: {problem} (the next conversion rewrites it)")
+    expected = build_store_model(state, lambda message: None)
+    offered = store.names()
+    for image in expected.images.values():
+        for name in image.names:
+            if name not in offered:
+                report.errors.append(f"{name}: in .metadata but not in {PODMAN_STORE} (a run "
+                                     "did not finish: convert again to complete it)")
     names: set[str] = set()
-    for entry in images:
+    for image_id, entry in store.images.items():
         for name in entry.get("names", []):
             if name in names:
                 report.errors.append(f"{PODMAN_STORE}: name {name} on two images (podman "
                                      "refuses such a store)")
             names.add(name)
-        layer_id = entry.get("layer")
-        while layer_id:
-            layer = layers.get(layer_id)
-            if layer is None:
-                report.errors.append(f"{PODMAN_STORE}: image {entry['id'][:12]} needs layer "
-                                     f"{layer_id[:12]}, which layers.json lacks")
-                break
-            layer_id = layer.get("parent")
-    for layer_id in layers:
-        diff = store / "overlay" / layer_id / "diff"
+        if store.chain(entry.get("layer")) is None:
+            report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]} needs a layer that "
+                                 "layers.json lacks (podman refuses it)")
+        _check_big_data(store_root, image_id, entry, report)
+    for layer_id in store.layers:
+        diff = store_root / "overlay" / layer_id / "diff"
         try:
             target = os.readlink(diff)
         except OSError:
@@ -153,6 +162,45 @@ def _check_store(root: Path, public: str, report: CheckReport) -> None:
         elif not _local(target, public, root).is_dir():
             report.errors.append(f"{PODMAN_STORE}: layer {layer_id[:12]} diff link {target} "
                                  "leads nowhere")
+
+
+def _check_big_data(store_root: Path, image_id: str, entry: dict[str, Any],
+                    report: CheckReport) -> None:
+    digests = entry.get("big-data-digests")
+    if not isinstance(digests, dict):
+        return
+    for key, expected in digests.items():
+        data = read_or_none(store_root / "overlay-images" / image_id /
+                            big_data_file_name(str(key)))
+        if data is None or f"sha256:{hashlib.sha256(data).hexdigest()}" != expected:
+            report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]}: big data {key} is "
+                                 "missing or does not match its digest")
+
+
+def _check_mount(root: Path, report: CheckReport) -> None:
+    """Setuid files and device nodes of images must not work on the publisher's host."""
+    try:
+        options = _mount_options(root)
+    except OSError:
+        return
+    missing = [flag for flag in ("nosuid", "nodev") if flag not in options]
+    if missing and os.path.realpath(root).split("/")[1:2] != ["cvmfs"]:
+        report.warnings.append(f"{root} is on a file system mounted without "
+                               f"{','.join(missing)}: images' setuid files and device nodes "
+                               "would work on this host (mount it nosuid,nodev)")
+
+
+def _mount_options(path: Path) -> set[str]:
+    best, options = "", set()
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[4].replace("\\040", " ")
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and \
+                    len(point) >= len(best):
+                best, options = point, set(fields[5].split(","))
+    return options
 
 
 def _check_layer_store(root: Path, public: str, report: CheckReport) -> None:

@@ -140,7 +140,9 @@ def _backend_options(func: F) -> F:
                              "CVMFS repository on this release manager machine (writes go "
                              "through cvmfs_server transactions and ingests).")(func)
     func = click.option("--force", is_flag=True,
-                        help="cvmfs: abort a transaction found open instead of failing.")(func)
+                        help="cvmfs: abort a transaction found open instead of failing; "
+                             "garbage-collection: collect even while some image's metadata "
+                             "is unreadable (its layers count as unused).")(func)
     func = click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
                         help="cvmfs: local directory for unpacking layers before they are "
                              "published (default /var/spool/lazypod).")(func)
@@ -156,11 +158,14 @@ def _backend_options(func: F) -> F:
 
 
 def _backend(kind: str, repository: str, *, public_root: str | None, force: bool,
-             work_dir: Path | None, wait_for_readers: float = 0) -> Backend:
+             work_dir: Path | None, wait_for_readers: float = 0, create: bool = True) -> Backend:
+    if not repository.strip():
+        raise LazypodError("the repository is an empty string (an unset variable?): give a "
+                           "path, or a CVMFS repository name with --backend cvmfs")
     if kind == "cvmfs":
         return CvmfsBackend(cvmfs_config(repository, public_root=public_root, force=force,
                                          work_dir=work_dir, wait_for_readers=wait_for_readers))
-    return DirectoryBackend(Path(repository), public_root=public_root)
+    return DirectoryBackend(Path(repository), public_root=public_root, create=create)
 
 
 def cvmfs_config(repository: str, *, public_root: str | None, force: bool,
@@ -226,6 +231,8 @@ def _run_conversion(
         reporter.close()
     _print_report(report)
     failed = [r for r in report.images if not r.ok]
+    for problem in report.problems:
+        click.echo(f"lazypod: problem: {problem}", err=True)
     if len(failed) == 1 and len(report.images) == 1:
         raise LazypodError(str(failed[0].error))
     if failed:
@@ -233,6 +240,10 @@ def _run_conversion(
             click.echo(f"lazypod: error: {result.reference}: {result.error}", err=True)
         raise LazypodError(f"{len(failed)} of {len(report.images)} images failed (see above); "
                            "the others are published")
+    if report.problems:
+        raise LazypodError(f"the images were converted, but the repository has "
+                           f"{len(report.problems)} problem(s) this run could not repair (see "
+                           "above)")
     return report
 
 
@@ -339,14 +350,16 @@ def rm(repository: str, images: tuple[str, ...], backend_kind: str | None, force
     their metadata, public links and podman store entries. Their layers stay until
     `lazypod garbage-collection`."""
     backend = _backend(backend_kind or "dir", repository, public_root=public_root,
-                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers)
+                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers,
+                       create=False)
     for name in remove_images(backend, [parse_reference(i) for i in images]):
         click.echo(f"removed {name}", err=True)
 
 
 @main.command("garbage-collection")
 @click.argument("repository")
-@click.option("-n", "--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--dry-run", is_flag=True,
+              help="Only list what would be removed (nothing is written, not even a lock).")
 @click.option("--grace-period", type=click.IntRange(min=0), default=0, metavar="SECONDS",
               help="Keep unused layers younger than this.")
 @_backend_options
@@ -357,8 +370,10 @@ def garbage_collection(repository: str, dry_run: bool, grace_period: int,
     """Remove layers and flat trees that no image of REPOSITORY uses (reachability
     from .metadata, as DUCC's current garbage collection), then refresh the views."""
     backend = _backend(backend_kind or "dir", repository, public_root=public_root,
-                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers)
-    report = collect_garbage(backend, dry_run=dry_run, grace_seconds=grace_period)
+                       force=force, work_dir=work_dir, wait_for_readers=wait_for_readers,
+                       create=False)
+    report = collect_garbage(backend, dry_run=dry_run, grace_seconds=grace_period,
+                             force=force)
     verb = "would remove" if dry_run else "removed"
     for rel in report.layers + report.flats:
         click.echo(f"{verb} {rel}")

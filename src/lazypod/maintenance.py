@@ -1,12 +1,13 @@
 """Removing images and collecting what no image uses any more.
 
-`remove_images` drops images from `.metadata` (and their public links);
-`collect_garbage` deletes what nothing reaches: layers no manifest lists, flat trees
-no image config names, leftovers of interrupted runs. Reachability, not bookkeeping,
-decides (as DUCC's current garbage collection does), so a repository written by
-several tools is collected correctly. Both go through a backend run: one atomic
-rename at a time on the `dir` backend, one transaction on `cvmfs`; the views are
-rendered again at the end, so podman never sees an image whose layers are gone.
+`remove_images` takes images out of the views first (podman store, links), then
+out of `.metadata`: a run killed in between leaves an image podman no longer
+offers, which `rm` removes again. `collect_garbage` deletes what nothing reaches:
+layers no manifest lists, flat trees no image config names. Reachability, not
+bookkeeping, decides (as DUCC's current garbage collection does), so a repository
+written by several tools is collected correctly; it refuses to run while an
+image's metadata cannot be read (its layers would look unused). The views are
+rendered first, so podman never sees an image whose layers are gone.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 from .backend import Backend
-from .errors import LazypodError
+from .errors import LazypodError, RepositoryError
 from .fsutil import listdir
-from .layout import FLAT, METADATA
+from .layout import FLAT, METADATA, Layout
 from .reference import ImageReference
 from .repository import RepositoryState
 from .views import ViewOptions, render_views
+from .views.store_files import store_names
 
 __all__ = ["GarbageReport", "collect_garbage", "remove_images"]
 
@@ -31,22 +33,26 @@ log = logging.getLogger(__name__)
 
 def remove_images(backend: Backend, references: list[ImageReference],
                   options: ViewOptions | None = None) -> list[str]:
-    """Remove images (metadata and public link); their layers wait for the collector."""
+    """Remove images: their podman store entries and public links, then metadata.
+    Their layers wait for the collector."""
     removed: list[str] = []
     with backend.run() as run:
         state = RepositoryState.load(run.layout)
+        offered = store_names(run.layout)
         for ref in references:
-            image = state.image(ref.public_name)
-            if image is None:
-                raise LazypodError(f"{ref.public_name} is not in {run.layout.root}: "
-                                   "`lazypod ls` lists what is")
-            run.remove(f"{METADATA}/{image.public_name}")
-            link = run.layout.root / image.public_name
-            if link.is_symlink():
-                run.remove(image.public_name)
-            removed.append(image.public_name)
-        run.flush()
-        render_views(RepositoryState.load(run.layout), run, options or ViewOptions())
+            name = ref.public_name
+            known = state.image(name) is not None or name in state.unreadable or \
+                (run.layout.image_dir(name)).exists() or ref.podman_name in offered
+            if not known:
+                raise LazypodError(f"{name} is not in {run.layout.root}: `lazypod ls` lists "
+                                   "what is")
+            state.drop_image(name)
+            removed.append(name)
+        render_views(state, run, options or ViewOptions())
+        for name in removed:
+            if (run.layout.root / name).is_symlink():
+                run.remove(name)
+            run.remove(f"{METADATA}/{name}")
         run.commit()
     return removed
 
@@ -60,34 +66,50 @@ class GarbageReport:
 
 
 def collect_garbage(backend: Backend, *, dry_run: bool = False, grace_seconds: float = 0,
-                    options: ViewOptions | None = None) -> GarbageReport:
+                    force: bool = False, options: ViewOptions | None = None) -> GarbageReport:
+    """Remove layers and flat trees that no image reaches. `dry_run` only says what
+    (and writes nothing, not even a lock); `force` collects even while some image's
+    metadata is unreadable (its layers are then taken as unused)."""
     report = GarbageReport(dry_run=dry_run)
+    if dry_run:
+        if not backend.layout.root.is_dir():
+            raise RepositoryError(f"{backend.layout.root} does not exist")
+        _unreachable(RepositoryState.load(backend.layout), report, grace_seconds)
+        return report
     with backend.run() as run:
         state = RepositoryState.load(run.layout)
-        used_layers = {blob.digest for image in state.images for blob in image.manifest.layers}
-        used_flats = {state.layout.flat_rel(image.config.digest)
-                      for image in state.images if image.config is not None}
-        now = time.time()
-        for digest in state.layers:
-            if digest in used_layers:
-                continue
-            rel = state.layout.layer_rel(digest)
-            if now - _mtime(run.layout.root / rel) < grace_seconds:
-                report.kept_in_grace += 1
-                continue
-            report.layers.append(rel)
-        for rel in _flat_dirs(run.layout.root):
-            if rel not in used_flats:
-                report.flats.append(rel)
-        if not dry_run:
-            for rel in report.layers + report.flats:
-                log.info("removing %s", rel)
-                run.remove(rel)
-            run.flush()
-            if report.layers or report.flats:
-                render_views(RepositoryState.load(run.layout), run, options or ViewOptions())
-            run.commit()
+        if state.unreadable and not force:
+            names = ", ".join(sorted(state.unreadable)[:3])
+            raise RepositoryError(
+                f"cannot tell which layers are unused while the metadata of "
+                f"{len(state.unreadable)} image(s) cannot be read ({names}): repair them "
+                "(convert them again) or remove them (`lazypod rm`), or give --force")
+        render_views(state, run, options or ViewOptions())
+        _unreachable(state, report, grace_seconds)
+        for rel in report.layers + report.flats:
+            log.info("removing %s", rel)
+            run.remove(rel)
+        run.commit()
     return report
+
+
+def _unreachable(state: RepositoryState, report: GarbageReport, grace_seconds: float) -> None:
+    layout: Layout = state.layout
+    used_layers = {blob.digest for image in state.images for blob in image.manifest.layers}
+    used_flats = {layout.flat_rel(image.config.digest)
+                  for image in state.images if image.config is not None}
+    now = time.time()
+    for digest in state.layers:
+        if digest in used_layers:
+            continue
+        rel = layout.layer_rel(digest)
+        if now - _mtime(layout.root / rel) < grace_seconds:
+            report.kept_in_grace += 1
+            continue
+        report.layers.append(rel)
+    for rel in _flat_dirs(layout.root):
+        if rel not in used_flats:
+            report.flats.append(rel)
 
 
 def _mtime(path: os.PathLike[str]) -> float:

@@ -37,9 +37,12 @@ class Recipe:
 
 def load_recipe(path: Path) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise InvalidRecipe(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRecipe(f"recipe {path} is not UTF-8 text (byte {exc.start}): save it "
+                            "as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -24,6 +24,9 @@ from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
 from .reference import ImageReference, parse_reference
 
 __all__ = [
+    "LAYER_RECORD",
+    "TAR_SPLIT",
+    "WHITEOUTS",
     "ImageRecord",
     "LayerRecord",
     "LayerWhiteouts",
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TAR_SPLIT = "tar-split.json.gz"
 WHITEOUTS = "whiteouts.json"
+LAYER_RECORD = "layers.json"  # DUCC's name; its presence marks a layer complete
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class LayerRecord:
     gidset: tuple[int, ...] = ()
     has_tar_split: bool = False
     complete: bool = True  # False: a directory without layers.json (DUCC's oldest layers)
+    damaged: str | None = None  # why layers.json cannot be used (then not complete)
 
 
 def layer_record_json(record: LayerRecord) -> bytes:
@@ -108,50 +113,90 @@ class ImageRecord:
 
 @dataclass
 class RepositoryState:
+    """Images and layers as `.metadata` and `.layers` hold them. `unreadable` names
+    images whose metadata cannot be read (public name -> why): views keep what they
+    last had for them, and garbage collection does not run. A run changes its state
+    in memory as it changes the repository (`put_image`, `drop_image`, `put_layer`)
+    and renders views from it, never reading back what it wrote."""
+
     layout: Layout
     images: list[ImageRecord] = field(default_factory=list)
     layers: dict[Digest, LayerRecord] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, layout: Layout) -> RepositoryState:
         state = cls(layout)
         state.layers = dict(_scan_layers(layout.root / LAYERS))
+        for digest, record in state.layers.items():
+            if record.damaged:
+                state.problems.append(f"layer {digest.short}: {record.damaged}; converting an "
+                                      "image that uses it repairs it")
         for rel in _scan_image_dirs(layout.root / METADATA):
             try:
                 state.images.append(_load_image(layout, rel))
-            except (LazypodError, OSError, ValueError) as exc:
-                state.problems.append(f"image {rel}: {exc}")
+            except (LazypodError, OSError, ValueError, TypeError, KeyError,
+                    AttributeError) as exc:
+                state.unreadable[rel] = str(exc) or exc.__class__.__name__
+                state.problems.append(f"image {rel}: {state.unreadable[rel]}; convert it "
+                                      "again, or remove it with `lazypod rm`")
         state.images.sort(key=lambda image: image.public_name)
         return state
 
     def layer(self, digest: Digest) -> LayerRecord | None:
         return self.layers.get(digest)
 
+    def put_layer(self, record: LayerRecord) -> None:
+        self.layers[record.digest] = record
+
+    def put_image(self, image: ImageRecord) -> None:
+        self.drop_image(image.public_name)
+        self.images.append(image)
+        self.images.sort(key=lambda i: i.public_name)
+
+    def drop_image(self, public_name: str) -> None:
+        self.images = [i for i in self.images if i.public_name != public_name]
+        if self.unreadable.pop(public_name, None) is not None:
+            self.problems = [p for p in self.problems if not p.startswith(
+                f"image {public_name}: ")]
+
     def image(self, public_name: str) -> ImageRecord | None:
         return next((i for i in self.images if i.public_name == public_name), None)
 
 
 def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
+    """The layer's record; a missing one means incomplete, an unusable one damaged
+    (never an exception: whatever a file holds, the caller gets an answer)."""
     meta = layer_dir / METADATA
     try:
-        data = json.loads((meta / "layers.json").read_bytes())
+        raw = (meta / LAYER_RECORD).read_bytes()
     except FileNotFoundError:
         return LayerRecord(digest, complete=False)
-    entry = data[0] if isinstance(data, list) and data else data
-    if not isinstance(entry, dict):
-        raise ValueError("layers.json is not a list of objects")
-    diff_text = entry.get("diff-digest") or (f"sha256:{entry['id']}" if entry.get("id") else None)
-    diff_size = entry.get("diff-size")
-    return LayerRecord(
-        digest=digest,
-        diff_id=Digest.parse(diff_text) if diff_text else None,
-        diff_size=int(diff_size) if diff_size is not None and int(diff_size) >= 0 else None,
-        created=entry.get("created"),
-        uidset=tuple(int(u) for u in entry.get("uidset") or ()),
-        gidset=tuple(int(g) for g in entry.get("gidset") or ()),
-        has_tar_split=(meta / TAR_SPLIT).exists(),
-    )
+    except OSError as exc:
+        return LayerRecord(digest, complete=False, damaged=f"unreadable ({exc.strerror})")
+    try:
+        data = json.loads(raw)
+        entry = data[0] if isinstance(data, list) and data else data
+        if not isinstance(entry, dict):
+            raise ValueError("not a list of objects")
+        diff_text = entry.get("diff-digest") or (
+            f"sha256:{entry['id']}" if entry.get("id") else None)
+        if not diff_text:
+            raise ValueError("no diff digest")
+        diff_size = entry.get("diff-size")
+        created = entry.get("created")
+        return LayerRecord(
+            digest=digest,
+            diff_id=Digest.parse(str(diff_text)),
+            diff_size=int(diff_size) if diff_size is not None and int(diff_size) >= 0 else None,
+            created=str(created) if created is not None else None,
+            uidset=tuple(int(u) for u in entry.get("uidset") or ()),
+            gidset=tuple(int(g) for g in entry.get("gidset") or ()),
+            has_tar_split=(meta / TAR_SPLIT).exists(),
+        )
+    except (ValueError, KeyError, TypeError, LazypodError) as exc:
+        return LayerRecord(digest, complete=False, damaged=f"{LAYER_RECORD} is damaged ({exc})")
 
 
 def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
@@ -162,12 +207,7 @@ def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
             if len(name) != 64 or not name.startswith(prefix):
                 continue
             digest = Digest("sha256", name)
-            try:
-                yield digest, read_layer_record(layers_root / prefix / name, digest)
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                log.warning("layer %s: unreadable layers.json (%s); treating it as missing",
-                            name[:12], exc)
-                yield digest, LayerRecord(digest, complete=False)
+            yield digest, read_layer_record(layers_root / prefix / name, digest)
 
 
 def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:

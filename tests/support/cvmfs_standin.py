@@ -137,7 +137,7 @@ def mkfs(name: str, *, mount_root: Path, client_root: Path, config_dir: Path,
     state = {"mount": str(mount), "client": str(client), "server_conf": str(conf),
              "owner": list(owner), "transaction": False,
              "counts": {"transaction": 0, "publish": 0, "abort": 0, "ingest": 0,
-                        "forced_remounts": 0},
+                        "forced_remounts": 0, "publish_command": 0},
              "fail": {}}
     (base / "state.json").write_text(json.dumps(state, indent=1))
     repo = Repo(name)
@@ -275,7 +275,8 @@ def cmd_publish(args: list[str]) -> None:
     repo = Repo(args[0])
     if not repo.state["transaction"]:
         fail(f"{repo.name} is not in a transaction")
-    if repo.state["fail"].get("publish") == repo.state["counts"]["publish"] + 1:
+    # The fault counts `publish` commands (as the shim in front of a real server does).
+    if repo.state["fail"].get("publish") == repo.count("publish_command"):
         fail("injected failure: publish failed (the transaction stays open)")
     time.sleep(float(repo.state["fail"].get("publish_sleep", 0)))
     _check_before_change(repo, ingest=False)
@@ -307,7 +308,8 @@ def cmd_abort(args: list[str]) -> None:
 
 def cmd_ingest(args: list[str]) -> None:
     keep_owner = catalog = False
-    source = base = delete = None
+    source = base = None
+    deletes: list[str] = []
     rest: list[str] = []
     it = iter(args)
     for arg in it:
@@ -319,8 +321,8 @@ def cmd_ingest(args: list[str]) -> None:
             source = next(it)
         elif arg == "-b":
             base = next(it)
-        elif arg == "--delete":
-            delete = next(it)
+        elif arg in ("--delete", "-d"):
+            deletes.append(next(it))
         elif arg.startswith("-"):
             fail(f"stand-in: unsupported ingest option {arg}", 2)
         else:
@@ -330,7 +332,7 @@ def cmd_ingest(args: list[str]) -> None:
     repo = Repo(rest[0])
     if repo.state["transaction"]:
         fail(f"another transaction is already open on {repo.name}")
-    if delete is not None and base is not None and delete.strip("/") == base.strip("/") \
+    if base is not None and any(d.strip("/") == base.strip("/") for d in deletes) \
             and (repo.published / base.strip("/")).exists():
         fail("PANIC: deleting and ingesting the same path in one command", 1)
     number = repo.state["counts"]["ingest"] + 1
@@ -361,7 +363,7 @@ def cmd_ingest(args: list[str]) -> None:
             _abort_ingest(repo, "Unrecognized archive format")
         # The whole tar is read before anything changes: a broken stream publishes nothing.
         staged = _read_tar(repo, stream, number)
-    if delete is not None:
+    for delete in deletes:  # first, as the real one does
         target = repo.published / delete.strip("/")
         if not target.exists() and not target.is_symlink():
             print(f"warning: {delete} does not exist", file=sys.stderr)

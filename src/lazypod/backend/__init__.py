@@ -1,11 +1,31 @@
-"""Storage backends: where a conversion run writes, and how readers see it whole.
+"""Storage backends: where a run writes, and how readers see it whole.
 
-A backend opens a `PublishRun`. The converter stages layers through it, writes
-image metadata, calls `flush()` (after which the repository under
-`layout.root` holds everything written so far), renders the views through the
-same run, and calls `commit()`. The `dir` backend makes every single write
-atomic (temporary sibling, then rename); the `cvmfs` backend batches them into
-a bounded number of CVMFS publishes.
+A backend opens a `PublishRun` (under the repository's lock). Its contract, in call
+order, as containers/image writes its ImageDestination's:
+
+1. `stage_layer(digest)` gives a `StagedLayer` to unpack into, in a local staging
+   directory nobody else reads. `StagedLayer.commit(record, whiteouts)` makes it
+   *pending*: `has_layer` says yes, `layer_dir` reads it, readers of the repository
+   do not see it yet. `abort()` drops it. Any number, from several threads.
+2. Writes (`write_file`, `symlink`, `remove`, `make_dir`, `touch_lock`,
+   `replace_dir`) and layer content (`add_whiteouts`, `unmark_opaque`, `add_trees`)
+   issued before `settle()` wait for it: readers never see metadata that names a
+   layer before the layer is complete.
+3. `settle()` publishes the pending layers with their records last (a layer is
+   complete when its `layers.json` exists, and its files are on disk before that
+   file is), then the waiting content and writes, in the order they were issued.
+   After it, writes take effect as they are issued (each one whole). It may be
+   called again after more layers were staged (a checkpoint).
+4. `commit()` settles what is left and makes the run durable (`dir`: one sync;
+   `cvmfs`: the publish). Leaving the run's context without it (an exception, a
+   signal) drops what is not settled: staged layers, waiting writes, and on CVMFS
+   the open transaction. What a failure leaves is always a state readers accept:
+   the last published one, or one with complete layers that no image names yet.
+
+The `dir` backend makes every single write atomic (a temporary sibling, then a
+rename) and syncs the file system once per settle; the `cvmfs` backend makes one
+run two publishes: one `cvmfs_server ingest` (layer content, whiteouts, flat trees)
+and one transaction (xattrs, records, metadata, podman stores, links).
 """
 
 from __future__ import annotations
@@ -28,8 +48,11 @@ class TreeWriter(Protocol):
     """Writes under the repository root so that readers see each change whole."""
 
     layout: Layout  # where writes go
-    read_layout: Layout  # where published content (layer files) is read from
     public_root: str  # the absolute path at which clients see the repository
+
+    def layer_dir(self, digest: Digest) -> Path:
+        """Where to read a layer (`layerfs/`, `.metadata/`): pending, or published."""
+        ...
 
     def write_file(self, rel: str, data: bytes, mode: int = 0o644) -> None: ...
     def symlink(self, rel: str, target: str) -> None: ...
@@ -61,7 +84,7 @@ class TreeBatch(Protocol):
 
 
 class StagedLayer(Protocol):
-    """A layer being unpacked; invisible to readers until committed."""
+    """A layer being unpacked; invisible to readers until the run settles."""
 
     @property
     def sink(self) -> LayerSink: ...
@@ -73,9 +96,10 @@ class StagedLayer(Protocol):
 
 
 class PublishRun(TreeWriter, Protocol):
+    checkpoints: bool  # whether settling during a run is cheap (a checkpoint)
+
     def has_layer(self, digest: Digest) -> bool: ...
     def stage_layer(self, digest: Digest) -> StagedLayer: ...
-    def flush(self) -> None: ...
     def commit(self) -> None: ...
     @property
     def publishes(self) -> int: ...

@@ -2,29 +2,29 @@
 
 What a CVMFS 2.12 server keeps, by path of entry (shared/docs/CVMFS.md), decides
 the write path (`cvmfs_plan`); how the server is driven safely is `cvmfs_server`'s
-job. A run goes:
+job. A run is two publishes, whatever the number of images, layers and files:
 
-1. layers are unpacked into a local work directory (as the `dir` backend does);
-2. transaction A: every directory of every new layer, with owner, mode and xattrs
-   (the opaque marker among them), the files that carry xattrs, and the
-   `.cvmfscatalog` markers (one catalog per layer, in `.layers/<h2>/<h>/` beside
-   `layerfs/` so that containers do not see it, and one per `.layers/<h2>`); publish;
-3. one `ingest -k` of every other entry of every new layer (files, symlinks,
-   devices, FIFOs, whiteouts as 0/0 devices), read from the work directory;
-4. transaction B: layer records (`layers.json` last: it marks a layer complete)
-   and image metadata; publish;
-5. one `ingest -k` of every new flat tree: directories, symlinks and made-up files
-   as such, every file from a layer as a hardlink member naming that file, which
-   CVMFS turns into a catalog entry sharing its content (nothing is read or sent
-   twice); the layers were scanned through the client view before it started;
-6. transaction C: the podman stores, origins and the public links; publish.
+1. layers are unpacked into a local work directory (as the `dir` backend does) and
+   wait there, with every write the run issues;
+2. at `settle()`, one `ingest -k` at the repository root brings, in one tar: every
+   new layer (directories as explicit members, files, symlinks, devices, FIFOs,
+   whiteouts as 0/0 devices) read from the work directory, with the `.cvmfscatalog`
+   markers (one catalog per layer, in `.layers/<h2>/<h>/` beside `layerfs/` so that
+   containers do not see it, one per `.layers/<h2>`); the whiteouts that complete
+   opaque directories; every new flat tree, whose files are hardlink members naming
+   the layers' files (CVMFS turns them into catalog entries sharing the content:
+   nothing is read or sent twice);
+3. one transaction: the xattrs and the files that carry xattrs, the layer records
+   (`layers.json` last: it marks a layer complete), then every write the run issued
+   (image metadata, the podman stores, origins, links), in order; published by
+   `commit()`.
 
-At most five publishes per run, whatever the number of images, layers and files.
-Reads of published content go through the client view
-(`/var/spool/cvmfs/NAME/rdonly`), never through `/cvmfs/NAME`, and nothing of the
-repository is held open while `cvmfs_server` runs. Any failure aborts the open
-transaction; what was published before stays, incomplete layers lack
-`layers.json`, and the next run redoes them.
+Published content is read through the client view (`/var/spool/cvmfs/NAME/rdonly`),
+never through `/cvmfs/NAME`, and before `cvmfs_server` runs: nothing of the
+repository is held open while it does. Any failure aborts the open transaction.
+What a failed or killed run leaves: the last published revision, possibly with
+layers and flat trees that no record or image names yet (the next run fetches
+those layers again, replacing them).
 """
 
 from __future__ import annotations
@@ -47,11 +47,18 @@ from ..errors import BackendError, RepositoryBusy
 from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERS, Layout
 from ..overlay import unmark_opaque
-from ..repository import TAR_SPLIT, WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
+from ..repository import (
+    LAYER_RECORD,
+    TAR_SPLIT,
+    WHITEOUTS,
+    LayerRecord,
+    LayerWhiteouts,
+    read_layer_record,
+)
 from . import TreeBatch
 from .cvmfs_plan import LayerPlan
 from .cvmfs_server import CvmfsServer, TarContent
-from .staging import LocalLayer
+from .staging import PENDING_RECORD, LocalLayer
 
 __all__ = ["CvmfsBackend", "CvmfsConfig", "CvmfsRun"]
 
@@ -165,36 +172,43 @@ class CvmfsBackend:
                                    "publish while it is; cd elsewhere and rerun")
 
     def _check_health(self, server: CvmfsServer) -> None:
+        """A repository in a transaction (someone else's, or an interrupted run's) or
+        unhealthy is reported; --force aborts a transaction found open."""
+        name = self.config.repository
         status = server.status()
-        if "unhealthy" in status and "in transaction" not in status:
-            raise BackendError(f"{self.config.repository} is unhealthy (`cvmfs_server list`: "
-                               f"{status.strip()}): repair it with `cvmfs_server mount "
-                               f"{self.config.repository}` and rerun")
+        if "in transaction" in status:
+            if not self.config.force:
+                raise BackendError(
+                    f"a transaction is already open on {name} (another process, or an "
+                    "interrupted one): finish it, or rerun with --force to abort it")
+            log.warning("aborting the transaction found open on %s (--force)", name)
+            server.abort()
+            status = server.status()
+        if "unhealthy" in status:
+            raise BackendError(f"{name} is unhealthy (`cvmfs_server list`: {status.strip()}): "
+                               f"repair it with `cvmfs_server mount {name}` and rerun")
 
 
-@dataclass
-class _PendingLayer:
-    digest: Digest
-    local: Path  # <work>/<hex> holding layerfs/ and .metadata/
-    record: LayerRecord
-    whiteouts: LayerWhiteouts
+Member = tuple[tarfile.TarInfo, TarContent]
 
 
 class CvmfsRun:
-    """One run's writes into a CVMFS repository, in at most five publishes."""
+    """One run's writes into a CVMFS repository: one ingest and one transaction."""
+
+    checkpoints = False  # a settle costs publishes
 
     def __init__(self, backend: CvmfsBackend, server: CvmfsServer, staging: Path) -> None:
         self._config = backend.config
         self.layout = backend.layout
-        self.read_layout = Layout(backend.config.client_view)
+        self._client = Layout(backend.config.client_view)
         self.public_root = backend.public_root
         self._server = server
         self._staging = staging
-        self._pending_layers: list[_PendingLayer] = []
-        self._buffered: list[Callable[[], None]] = []  # writes that wait for transaction B
-        self._whiteouts: list[tuple[tarfile.TarInfo, TarContent]] = []  # for the next ingest
+        self._pending: dict[Digest, CvmfsStagedLayer] = {}
+        self._waiting: list[Callable[[], None]] = []  # writes that wait for settle()
+        self._ingest_parts: list[Iterator[Member]] = []  # whiteouts, flat trees
+        self._ingest_deletes: list[str] = []  # leftovers the ingest replaces
         self._after_ingest: list[Callable[[], None]] = []
-        self._flushed = False
         self._in_transaction = False
 
     @property
@@ -208,12 +222,9 @@ class CvmfsRun:
     # -- transactions ------------------------------------------------------------
 
     def _open_transaction(self) -> None:
-        self._server.transaction(force=self._config.force)
-        self._in_transaction = True
-
-    def _publish(self) -> None:
-        self._server.publish()
-        self._in_transaction = False
+        if not self._in_transaction:
+            self._server.transaction(force=self._config.force)
+            self._in_transaction = True
 
     def abort_open_transaction(self) -> None:
         """Abort the transaction this run opened (never one found open: not ours)."""
@@ -222,96 +233,110 @@ class CvmfsRun:
             self._in_transaction = False
             self._server.abort()
 
-    def _ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, TarContent]]) -> None:
-        if self._in_transaction:
-            self._publish()
-        self._server.ingest(base, members)
-
-    def _write(self, action: Callable[[], None]) -> None:
-        """Run a write inside the current transaction (opened when needed); before
-        flush(), keep it for the metadata transaction."""
-        if not self._flushed:
-            self._buffered.append(action)
-            return
-        if not self._in_transaction:
-            self._open_transaction()
+    def _tx(self, action: Callable[[], None]) -> None:
+        self._open_transaction()
         try:
             action()
         except OSError as exc:
             raise BackendError(f"writing into {self.layout.root} failed: {exc}") from None
 
+    def _write(self, action: Callable[[], None]) -> None:
+        """Before settle(), a write waits for the layers; after, it goes into the
+        open transaction."""
+        if self._in_transaction or not (self._pending or self._ingest_parts):
+            self._tx(action)
+        else:
+            self._waiting.append(action)
+
     # -- layers --------------------------------------------------------------
 
     def has_layer(self, digest: Digest) -> bool:
-        """Published and complete, or already unpacked earlier in this run."""
-        return any(layer.digest == digest for layer in self._pending_layers) or (
-            self.layout.layer_metadata(digest) / "layers.json").is_file()
+        """Pending in this run, or published with a sound record."""
+        return digest in self._pending or \
+            read_layer_record(self.layout.layer_dir(digest), digest).complete
 
     def stage_layer(self, digest: Digest) -> CvmfsStagedLayer:
         local = self._staging / f"{digest.hex}-{secrets.token_hex(4)}"
         return CvmfsStagedLayer(self, digest, local)
 
-    def _add_pending(self, layer: _PendingLayer) -> None:
-        self._pending_layers.append(layer)
+    def layer_dir(self, digest: Digest) -> Path:
+        pending = self._pending.get(digest)
+        return pending.path if pending is not None else self._client.layer_dir(digest)
 
-    # -- the phases ----------------------------------------------------------
+    def _add_pending(self, layer: CvmfsStagedLayer) -> None:
+        self._pending.setdefault(layer.digest, layer)
 
-    def flush(self) -> None:
-        """Transaction A and the layer ingest; then open transaction B with the
-        buffered writes, so the repository reads as complete from here on."""
-        layers = self._pending_layers
-        if layers:
-            plans = [LayerPlan.make(layer.digest, layer.local / "layerfs") for layer in layers]
-            self._open_transaction()
-            try:
-                self._write_skeletons(plans)
-            except OSError as exc:
-                raise BackendError(f"writing layer directories into {self.layout.root} "
-                                   f"failed: {exc}") from None
-            self._publish()
-            self._ingest(LAYERS, chain.from_iterable(
-                plan.members(f"{plan.digest.hex[:2]}/{plan.digest.hex}/layerfs")
-                for plan in plans))
-        self._flushed = True
-        for layer in layers:
-            self._write(functools.partial(self._write_layer_metadata, layer))
-        buffered, self._buffered = self._buffered, []
-        for action in buffered:
-            self._write(action)
+    # -- settle and commit ---------------------------------------------------------
 
-    def _write_skeletons(self, plans: list[LayerPlan]) -> None:
-        root = self.layout.root
-        for base in (LAYERS, FLAT):
-            _mkdir(root / base, 0o755)
-        _touch(root / LAYERS / CATALOG_MARKER)
+    def settle(self) -> None:
+        pending, self._pending = self._pending, {}
+        parts, self._ingest_parts = self._ingest_parts, []
+        plans = [LayerPlan.make(layer.digest, layer.path / "layerfs")
+                 for layer in pending.values()]
+        if plans or parts:
+            if self._in_transaction:  # a second round: its ingest needs the first published
+                self._server.publish()
+                self._in_transaction = False
+            # An incomplete copy of a layer (content published, record not), or of a
+            # flat tree: ingest would merge into it, so it goes first.
+            stale = [self.layout.layer_rel(p.digest) for p in plans
+                     if self._client.layer_dir(p.digest).exists()] + self._ingest_deletes
+            self._ingest_deletes = []
+            self._server.ingest("/", chain(self._skeleton(plans, stale), *(
+                plan.members(f"{self.layout.layer_rel(plan.digest)}/layerfs")
+                for plan in plans), *parts), delete=stale)
         for plan in plans:
-            digest = plan.digest
-            prefix_dir = root / LAYERS / digest.hex[:2]
-            _mkdir(prefix_dir, 0o755)
-            _touch(prefix_dir / CATALOG_MARKER)
-            layer_dir = self.layout.layer_dir(digest)
-            if layer_dir.exists():  # an incomplete layer of an interrupted run
-                shutil.rmtree(layer_dir)
-            _mkdir(layer_dir, 0o755)
-            _mkdir(layer_dir / ".metadata", 0o755)
-            _mkdir(layer_dir / "layerfs", 0o755)
-            plan.write_transaction_part(self.layout.layerfs(digest))
-            # The layer's catalog marker sits beside layerfs/, not in it: a container
-            # would see a /.cvmfscatalog it does not have.
-            _touch(layer_dir / CATALOG_MARKER)
+            if plan.needs_transaction:
+                self._tx(functools.partial(plan.write_xattrs, self.layout.layerfs(plan.digest)))
+        for layer in pending.values():
+            self._tx(functools.partial(self._write_records, layer))
+        actions = self._after_ingest + self._waiting
+        self._after_ingest, self._waiting = [], []
+        for action in actions:
+            self._tx(action)
 
-    def _write_layer_metadata(self, layer: _PendingLayer) -> None:
+    def _skeleton(self, plans: list[LayerPlan], deleted: list[str]) -> Iterator[Member]:
+        """Explicit directories above the layers (ingest -k would make them owned by
+        -1) and the catalog markers; what the ingest deletes first counts as missing."""
+        made: set[str] = set()
+
+        def gone(rel: str) -> bool:
+            return any(rel == d or rel.startswith(d + "/") for d in deleted)
+
+        def directory(rel: str) -> Iterator[Member]:
+            if rel not in made and (gone(rel) or not (self._client.root / rel).is_dir()):
+                made.add(rel)
+                info = tarfile.TarInfo(rel)
+                info.type, info.mode, info.uname, info.gname = tarfile.DIRTYPE, 0o755, "", ""
+                yield info, None
+
+        for plan in plans:
+            rel = self.layout.layer_rel(plan.digest)
+            prefix = rel.rsplit("/", 1)[0]
+            yield from directory(LAYERS)
+            yield from directory(FLAT)
+            yield from directory(prefix)
+            yield from directory(rel)
+            yield from directory(f"{rel}/.metadata")
+            for marker in (f"{LAYERS}/{CATALOG_MARKER}", f"{prefix}/{CATALOG_MARKER}",
+                           f"{rel}/{CATALOG_MARKER}"):
+                if marker not in made:
+                    made.add(marker)
+                    yield _marker(marker)
+
+    def _write_records(self, layer: CvmfsStagedLayer) -> None:
         meta = self.layout.layer_metadata(layer.digest)
-        _mkdir(meta, 0o755)
-        shutil.copyfile(layer.local / ".metadata" / TAR_SPLIT, meta / TAR_SPLIT)
-        _write_bytes(meta / WHITEOUTS, layer.whiteouts.to_json())
-        _write_bytes(meta / "layers.json", layer_record_json(layer.record))  # complete now
+        local = layer.path / ".metadata"
+        shutil.copyfile(local / TAR_SPLIT, meta / TAR_SPLIT)
+        os.chmod(meta / TAR_SPLIT, 0o644)
+        _write_bytes(meta / WHITEOUTS, (local / WHITEOUTS).read_bytes())
+        _write_bytes(meta / LAYER_RECORD, (local / PENDING_RECORD).read_bytes())  # complete
 
     def commit(self) -> None:
-        if not self._flushed:
-            self.flush()
+        self.settle()
         if self._in_transaction:
-            self._publish()
+            self._server.publish()
+            self._in_transaction = False
         counts = self._server.counts
         log.info("cvmfs: %d publishes into %s (%d transactions, %d ingests)",
                  counts["publish"], self._config.repository, counts["transaction"],
@@ -356,7 +381,7 @@ class CvmfsRun:
             if path.exists() or path.is_symlink():
                 remove_tree(path)
 
-        if self._flushed or self._path(rel).exists() or self._path(rel).is_symlink():
+        if self._path(rel).exists() or self._path(rel).is_symlink() or self._waiting:
             self._write(action)
 
     def make_dir(self, rel: str) -> None:
@@ -372,58 +397,45 @@ class CvmfsRun:
         yield
 
     def add_whiteouts(self, layer: Digest, paths: list[bytes]) -> None:
-        """Whiteouts only come through ingest: kept for the next one (at the root)."""
+        """Whiteouts only come through ingest: they go with the run's one ingest."""
         prefix = f"{self.layout.layer_rel(layer)}/layerfs/"
+        members: list[Member] = []
         for path in paths:
             info = tarfile.TarInfo(prefix + os.fsdecode(path))
             info.type, info.mode = tarfile.CHRTYPE, 0
             info.uname = info.gname = ""
-            self._whiteouts.append((info, None))
+            members.append((info, None))
+        self._ingest_parts.append(iter(members))
 
     def unmark_opaque(self, layer: Digest, path: bytes) -> None:
         """In the transaction after the ingest that brings the layer's whiteouts."""
         self._after_ingest.append(lambda: unmark_opaque(self.layout.layerfs(layer), path))
 
-    def settle(self) -> None:
-        """Whiteouts no flat tree's ingest took along get an ingest of their own."""
-        if self._whiteouts:
-            whiteouts, self._whiteouts = self._whiteouts, []
-            self._ingest("/", iter(whiteouts))
-        actions, self._after_ingest = self._after_ingest, []
-        for action in actions:
-            self._write(action)
-
     def add_trees(self, batch: TreeBatch) -> None:
-        """All new flat trees in one ingest at the repository root (their files are
-        hardlink members naming the layers' files), with the pending whiteouts.
-        Explicit directory entries for every parent below `.flat`, so ingest creates
-        none with owner 65534."""
+        """The new flat trees go with the run's one ingest; the layers they need are
+        read now (not while cvmfs_server runs). Leftovers of a tree that never
+        completed are removed first."""
         if not len(batch):
             return
-        if not self._path(FLAT).is_dir():
-            self._write(lambda: _mkdir(self._path(FLAT), 0o755))
-        for rel in batch.rels():  # leftovers of a tree that never completed
-            if self._path(rel).exists():
-                self.remove(rel)
-        batch.prefetch()  # the client view is read now, not while cvmfs_server runs
-        whiteouts, self._whiteouts = self._whiteouts, []
-        self._ingest("/", chain(whiteouts, _flat_members(batch, self.read_layout.root)))
+        batch.prefetch()
+        self._ingest_deletes += [rel for rel in batch.rels()
+                                 if (self._client.root / rel).exists()]
+        self._ingest_parts.append(_flat_members(batch, self._client.root))
 
 
 class CvmfsStagedLayer(LocalLayer):
-    """Unpacked into the local work directory; published by the run's flush."""
+    """Unpacked into the local work directory; published when the run settles."""
 
     def __init__(self, run: CvmfsRun, digest: Digest, local: Path) -> None:
         super().__init__(digest, local)
         self._run = run
 
     def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
-        self.finish_writing()
-        self._run._add_pending(_PendingLayer(self.digest, self.path, record, whiteouts))
+        self.finish(record, whiteouts)
+        self._run._add_pending(self)
 
 
-def _flat_members(batch: TreeBatch, published: Path) -> Iterator[tuple[tarfile.TarInfo,
-                                                                       TarContent]]:
+def _flat_members(batch: TreeBatch, published: Path) -> Iterator[Member]:
     parents_done: set[str] = set()
     for rel, tree in batch:
         parent = rel.rsplit("/", 1)[0]
@@ -438,9 +450,10 @@ def _flat_members(batch: TreeBatch, published: Path) -> Iterator[tuple[tarfile.T
         yield _marker(f"{rel}/{CATALOG_MARKER}")
 
 
-def _marker(name: str) -> tuple[tarfile.TarInfo, TarContent]:
+def _marker(name: str) -> Member:
     info = tarfile.TarInfo(name)
     info.mode = 0o644
+    info.uname = info.gname = ""
     return info, b""
 
 

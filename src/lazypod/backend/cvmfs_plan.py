@@ -1,16 +1,17 @@
 """Which entries of a layer reach CVMFS by which path, and the tar that ingest reads.
 
-What CVMFS keeps decides it (shared/docs/CVMFS.md): overlay whiteouts (0/0
-character devices) come only through `ingest`, which drops xattrs; xattrs (the
-opaque marker `trusted.overlay.opaque` among them) come only through a
-transaction, on directories that transaction creates. So:
+What CVMFS keeps decides it (shared/docs/CVMFS.md, and test_cvmfs_semantics):
+whiteouts (0/0 character devices) come only through `ingest`, which drops xattrs;
+xattrs come only through a transaction, and an entry that transaction creates or
+changes (a directory made by ingest takes xattrs later, as long as ingest was
+given it: parents that `ingest -k` makes itself belong to -1 and cannot be
+copied up). So:
 
-* in the transaction: every directory of the layer, with its owner, mode and
-  xattrs, and every non-directory that carries xattrs (as a copy: hardlink
-  identity is lost on CVMFS anyway);
-* through ingest: every other entry (files, symlinks, devices, FIFOs, whiteouts),
-  into the directories the transaction made; ingest leaves existing directories
-  as they are, xattrs included.
+* through ingest: every entry of the layer (directories as explicit members, with
+  their owner, mode and time);
+* in the transaction that follows: the xattrs of the entries that carry some (a
+  file is copied up whole for it); the times of the directories that held them
+  are put back.
 
 Every entry is read from the layer as lazypod unpacked it into the local work
 directory, through `securepath`'s door: nothing is listed or opened through a
@@ -20,7 +21,6 @@ tar, never the publisher's descriptors).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import tarfile
@@ -42,60 +42,53 @@ class LayerPlan:
 
     digest: Digest
     local: Path
-    directories: list[LayerEntry] = field(default_factory=list)  # parents first
-    with_xattrs: list[LayerEntry] = field(default_factory=list)  # written in the transaction
-    ingested: list[LayerEntry] = field(default_factory=list)
+    entries: list[LayerEntry] = field(default_factory=list)  # parents first
 
     @classmethod
     def make(cls, digest: Digest, local: Path) -> LayerPlan:
-        plan = cls(digest, local)
-        for entry in walk_layer(local, xattrs="all"):
-            if stat.S_ISDIR(entry.st.st_mode):
-                plan.directories.append(entry)
-            elif entry.xattrs and not is_whiteout(entry.st):
-                plan.with_xattrs.append(entry)
-            else:
-                plan.ingested.append(entry)
-        return plan
+        return cls(digest, local, list(walk_layer(local, xattrs="all")))
 
-    @property
-    def entries(self) -> int:
-        return len(self.directories) + len(self.with_xattrs) + len(self.ingested)
-
-    # -- inside the transaction ------------------------------------------------
-
-    def write_transaction_part(self, dest: Path) -> None:
-        """Into the empty directory `dest` (the layer's layerfs in the server view,
-        made by this transaction): the directories and the files with xattrs."""
-        target = LayerDir(dest, create_mode=0o700)
-        source = LayerDir(self.local)
-        try:
-            for entry in self.directories:
-                if entry.path:
-                    parent, name = target.parent(_parts(entry.path), create=False)
-                    os.mkdir(name, 0o700, dir_fd=parent)
-            for entry in self.with_xattrs:
-                _copy_entry(source, target, entry)
-            for entry in self.directories:
-                _set_meta(target, entry)  # last: creating children changed the times
-        finally:
-            target.close()
-            source.close()
 
     # -- through ingest ----------------------------------------------------------
 
     def members(self, prefix: str) -> Iterator[tuple[tarfile.TarInfo, TarContent]]:
-        """The ingested entries, named `<prefix>/<path>` (relative to the ingest's
-        base); a file's second name is a hardlink member naming the first (ingest
+        """The layer's entries, named `<prefix>/<path>` (`prefix` itself for the layer
+        root); a file's second name is a hardlink member naming the first (ingest
         turns it into a catalog entry that shares the content)."""
         source = LayerDir(self.local)
         seen: dict[int, str] = {}
         try:
-            for entry in self.ingested:
-                name = f"{prefix}/{os.fsdecode(entry.path)}"
+            for entry in self.entries:
+                name = f"{prefix}/{os.fsdecode(entry.path)}" if entry.path else prefix
                 yield _member(name, entry, source, seen)
         finally:
             source.close()
+
+    # -- in the transaction -------------------------------------------------------
+
+    def write_xattrs(self, dest: Path) -> None:
+        """Into the layer's layerfs in the server view, which ingest made: the xattrs
+        of every entry that has some, then the times of the directories holding them
+        (the copy-up may have changed them)."""
+        target = LayerDir(dest)
+        touched: dict[bytes, LayerEntry] = {}
+        directories = {entry.path: entry for entry in self.entries
+                       if stat.S_ISDIR(entry.st.st_mode)}
+        try:
+            for entry in self.entries:
+                if entry.xattrs and not is_whiteout(entry.st):
+                    _set_xattrs(target, entry)
+                    if entry.path:
+                        parent = entry.path.rpartition(b"/")[0]
+                        touched[parent] = directories[parent]
+            for entry in touched.values():
+                _set_times(target, entry)
+        finally:
+            target.close()
+
+    @property
+    def needs_transaction(self) -> bool:
+        return any(entry.xattrs and not is_whiteout(entry.st) for entry in self.entries)
 
 
 def _member(name: str, entry: LayerEntry, source: LayerDir,
@@ -107,7 +100,9 @@ def _member(name: str, entry: LayerEntry, source: LayerDir,
     info.uname = info.gname = ""
     info.mtime = st.st_mtime_ns // 10**9
     kind = stat.S_IFMT(st.st_mode)
-    if stat.S_ISREG(kind):
+    if stat.S_ISDIR(kind):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISREG(kind):
         if st.st_nlink > 1:
             if st.st_ino in seen:
                 info.type = tarfile.LNKTYPE
@@ -117,7 +112,7 @@ def _member(name: str, entry: LayerEntry, source: LayerDir,
         info.size = st.st_size
         path = _parts(entry.path)
         return info, lambda: source.open_file(path)
-    if stat.S_ISLNK(kind):
+    elif stat.S_ISLNK(kind):
         info.type = tarfile.SYMTYPE
         info.linkname = os.fsdecode(entry.target)
     elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
@@ -134,45 +129,20 @@ def _parts(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/"))
 
 
-def _copy_entry(source: LayerDir, target: LayerDir, entry: LayerEntry) -> None:
-    path = _parts(entry.path)
-    parent, name = target.parent(path, create=False)
-    kind = stat.S_IFMT(entry.st.st_mode)
-    if stat.S_ISREG(kind):
-        src = source.open_file(path)
-        try:
-            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=parent)
-            try:
-                while chunk := os.read(src, 1 << 20):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(dst, view):]
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-    else:  # a device or a FIFO with xattrs (never a whiteout: CVMFS cannot take those here)
-        os.mknod(name, entry.st.st_mode, entry.st.st_rdev, dir_fd=parent)
-    _set_meta(target, entry)
+def _target(layer: LayerDir, entry: LayerEntry) -> tuple[bytes | str, bool]:
+    """A path for calls without dir_fd, and whether the magic link must be followed."""
+    if not entry.path:
+        return layer.fd_path, True
+    parent, name = layer.parent(_parts(entry.path), create=False)
+    return layer.proc_path(parent, name), False
 
 
-def _set_meta(target: LayerDir, entry: LayerEntry) -> None:
-    st = entry.st
-    if entry.path:
-        parent, name = target.parent(_parts(entry.path), create=False)
-        proc = target.proc_path(parent, name)
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=parent)
-        for key, value in entry.xattrs.items():
-            os.setxattr(proc, key, value, follow_symlinks=False)
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=parent,
-                 follow_symlinks=False)
-        return
-    root = target.fd_path
-    os.chown(root, st.st_uid, st.st_gid)
-    os.chmod(root, stat.S_IMODE(st.st_mode))
+def _set_xattrs(target: LayerDir, entry: LayerEntry) -> None:
+    path, follow = _target(target, entry)
     for key, value in entry.xattrs.items():
-        with contextlib.suppress(OSError):
-            os.setxattr(root, key, value)
-    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.setxattr(path, key, value, follow_symlinks=follow)
+
+
+def _set_times(target: LayerDir, entry: LayerEntry) -> None:
+    path, follow = _target(target, entry)
+    os.utime(path, ns=(entry.st.st_atime_ns, entry.st.st_mtime_ns), follow_symlinks=follow)

@@ -29,7 +29,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,18 +197,22 @@ class CvmfsServer:
                                f"{_last_line(proc)}; run it by hand")
 
     def ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, TarContent]],
-               *, stop: Callable[[], bool] = lambda: False) -> None:
-        """One `cvmfs_server ingest -k` of the tar made of `members`, under `base`.
+               *, delete: Sequence[str] = ()) -> None:
+        """One `cvmfs_server ingest -k` of the tar made of `members`, under `base`,
+        after removing the paths in `delete`.
 
         On any failure (ours while producing the tar, or the server's), the ingest is
         made to fail and the server aborts its own transaction; nothing of it is
-        published. `stop` is asked between members (an interruption requested)."""
+        published."""
         self.check_holders("ingest into")
         with tempfile.TemporaryDirectory(dir=self._work_dir) as tmp:
             fifo = Path(tmp) / "ingest.tar"
             os.mkfifo(fifo, 0o600)
             output = (Path(tmp) / "output").open("w+b")
-            cmd = [self._command, "ingest", "-k", "-t", str(fifo), "-b", base, self.repository]
+            cmd = [self._command, "ingest", "-k", "-t", str(fifo), "-b", base]
+            for path in delete:
+                cmd += ["-d", path]
+            cmd.append(self.repository)
             log.debug("running %s", " ".join(cmd))
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True)

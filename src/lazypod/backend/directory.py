@@ -2,8 +2,13 @@
 
 Atomicity: everything is first written under `<root>/.lazypod-staging/<run>/`
 (same file system), then renamed into place; directories are swapped with
-`renameat2(RENAME_EXCHANGE)`. A killed run leaves only its staging directory,
-which the next run removes (under the repository lock) before it starts.
+`renameat2(RENAME_EXCHANGE)`. Layers: at `settle()` the staged layer directories
+are renamed into `.layers/` with their record still named `layers.json.pending`,
+the file system is synced once, and only then are the records renamed to
+`layers.json` (a layer is complete when that file exists, and its files are on
+disk before it). A killed run leaves its staging directory, which the next run
+removes (under the repository lock) before it starts, and possibly layers without
+a record, which the next run fetches again.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..fsutil import make_dirs
 from ..layout import LOCK, STAGING, Layout
 from ..overlay import add_whiteouts, unmark_opaque
-from ..repository import WHITEOUTS, LayerRecord, LayerWhiteouts, layer_record_json
+from ..repository import LAYER_RECORD, LayerRecord, LayerWhiteouts, read_layer_record
 from . import TreeBatch
-from .staging import LocalLayer
+from .staging import PENDING_RECORD, LocalLayer
 
 __all__ = ["DirectoryBackend", "DirectoryRun"]
 
@@ -52,22 +57,51 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def sync_file_system(path: Path) -> None:
+    """One syncfs(2) of the file system that holds `path` (what durability costs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs = getattr(_libc, "syncfs", None)
+        if syncfs is None or syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
 class DirectoryBackend:
     name = "dir"
 
-    def __init__(self, root: Path, *, public_root: str | None = None) -> None:
+    def __init__(self, root: Path, *, public_root: str | None = None,
+                 create: bool = True) -> None:
+        """`create`: make the repository if it does not exist (a conversion; it is
+        removed again if the run leaves nothing in it). Without, a missing repository
+        is an error (rm, garbage-collection: nothing is created for a mistyped path)."""
         self.layout = Layout(root)
         self.public_root = public_root or str(root.absolute())
+        self._create = create
 
     @contextlib.contextmanager
     def run(self) -> Iterator[DirectoryRun]:
         root = self.layout.root
+        created = not root.exists()
+        if created and not self._create:
+            raise RepositoryError(f"{root} does not exist: give the path of a repository")
+        if not created and not root.is_dir():
+            raise RepositoryError(f"{root} is not a directory")
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            os.chmod(root, os.stat(root).st_mode | 0o755)
+            if created:
+                root.mkdir(parents=True)
+                os.chmod(root, 0o755)
+            elif os.stat(root).st_mode & 0o755 != 0o755 and os.access(root, os.W_OK):
+                os.chmod(root, os.stat(root).st_mode | 0o755)
         except OSError as exc:
             raise RepositoryError(f"cannot create repository {root}: {exc.strerror}") from None
-        lock_fd = _lock(root / LOCK)
+        try:
+            lock_fd = _lock(root / LOCK)
+        except BaseException:
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         try:
             staging_root = root / STAGING
             _clean_staging(staging_root)
@@ -80,6 +114,8 @@ class DirectoryBackend:
                 shutil.rmtree(staging, ignore_errors=True)
                 with contextlib.suppress(OSError):
                     staging_root.rmdir()
+                if created and set(os.listdir(root)) <= {LOCK}:  # the run wrote nothing
+                    shutil.rmtree(root, ignore_errors=True)
         finally:
             os.close(lock_fd)
 
@@ -111,13 +147,16 @@ def _clean_staging(staging_root: Path) -> None:
 class DirectoryRun:
     """One run's writes into a directory repository."""
 
+    checkpoints = True  # a settle costs one sync
+
     def __init__(self, layout: Layout, public_root: str, staging: Path) -> None:
         self.layout = layout
-        self.read_layout = layout
         self.public_root = public_root
         self._staging = staging
         self._counter = itertools.count()
-        self._commits = 0
+        self._pending: dict[Digest, DirectoryStagedLayer] = {}
+        self._waiting: list[Callable[[], None]] = []
+        self._settles = 0
 
     def _temp(self, hint: str) -> Path:
         return self._staging / f"{next(self._counter)}-{hint}"
@@ -127,17 +166,75 @@ class DirectoryRun:
         make_dirs(path.parent, stop=self.layout.root)
         return path
 
+    def _later(self, action: Callable[[], None]) -> None:
+        """Writes issued while layers are pending wait for them (see the contract)."""
+        if self._pending:
+            self._waiting.append(action)
+        else:
+            action()
+
     # -- layers --------------------------------------------------------------
 
     def has_layer(self, digest: Digest) -> bool:
-        return (self.layout.layer_metadata(digest) / "layers.json").is_file()
+        if digest in self._pending:
+            return True
+        try:
+            return read_layer_record(self.layout.layer_dir(digest), digest).complete
+        except (ValueError, KeyError, TypeError, OSError):
+            return False  # a damaged record: the layer is fetched again
 
     def stage_layer(self, digest: Digest) -> DirectoryStagedLayer:
         return DirectoryStagedLayer(self, digest, self._temp(f"layer-{digest.hex[:12]}"))
 
+    def layer_dir(self, digest: Digest) -> Path:
+        pending = self._pending.get(digest)
+        return pending.path if pending is not None else self.layout.layer_dir(digest)
+
+    def _add_pending(self, layer: DirectoryStagedLayer) -> None:
+        self._pending.setdefault(layer.digest, layer)
+
+    def settle(self) -> None:
+        pending, self._pending = self._pending, {}
+        with _wrap_io("layers"):
+            for layer in pending.values():
+                final = self.layout.layer_dir(layer.digest)
+                make_dirs(final.parent, stop=self.layout.root)
+                if final.exists() or final.is_symlink():
+                    # An earlier copy that is not complete (no record, or a damaged one).
+                    if not _exchange(layer.path, final):
+                        old = self._temp("old-layer")
+                        os.rename(final, old)
+                        os.rename(layer.path, final)
+                        layer.path = old
+                    shutil.rmtree(layer.path, ignore_errors=True)
+                else:
+                    os.rename(layer.path, final)
+                layer.path = final
+            if pending:
+                sync_file_system(self.layout.root)  # the files, before the records
+            for layer in pending.values():
+                meta = layer.path / ".metadata"
+                os.replace(meta / PENDING_RECORD, meta / LAYER_RECORD)
+        self._settles += 1
+        waiting, self._waiting = self._waiting, []
+        for action in waiting:
+            action()
+
+    def commit(self) -> None:
+        self.settle()
+        with _wrap_io("the repository"):
+            sync_file_system(self.layout.root)
+
+    @property
+    def publishes(self) -> int:
+        return self._settles
+
     # -- TreeWriter ----------------------------------------------------------
 
     def write_file(self, rel: str, data: bytes, mode: int = 0o644) -> None:
+        self._later(lambda: self._write_file(rel, data, mode))
+
+    def _write_file(self, rel: str, data: bytes, mode: int) -> None:
         temp = self._temp("file")
         with _wrap_io(rel):
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -146,12 +243,14 @@ class DirectoryRun:
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fchmod(fd, mode)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, self._final(rel))
 
     def symlink(self, rel: str, target: str) -> None:
+        self._later(lambda: self._symlink(rel, target))
+
+    def _symlink(self, rel: str, target: str) -> None:
         final = self.layout.root / rel
         with contextlib.suppress(OSError):
             if os.readlink(final) == target:
@@ -162,10 +261,15 @@ class DirectoryRun:
             os.replace(temp, self._final(rel))
 
     def replace_dir(self, rel: str, fill: Callable[[Path], None]) -> None:
+        """Filled now (in staging), put in place when the run settles."""
         temp = self._temp("dir")
         temp.mkdir(mode=0o755)
         with _wrap_io(rel):
             fill(temp)
+        self._later(lambda: self._put_dir(rel, temp))
+
+    def _put_dir(self, rel: str, temp: Path) -> None:
+        with _wrap_io(rel):
             final = self._final(rel)
             if final.exists() or final.is_symlink():
                 if not _exchange(temp, final):
@@ -178,6 +282,9 @@ class DirectoryRun:
                 os.rename(temp, final)
 
     def remove(self, rel: str) -> None:
+        self._later(lambda: self._remove(rel))
+
+    def _remove(self, rel: str) -> None:
         path = self.layout.root / rel
         with _wrap_io(rel):
             if path.is_dir() and not path.is_symlink():
@@ -189,6 +296,9 @@ class DirectoryRun:
                     path.unlink()
 
     def touch_lock(self, rel: str, token: bytes) -> None:
+        self._later(lambda: self._touch_lock(rel, token))
+
+    def _touch_lock(self, rel: str, token: bytes) -> None:
         path = self._final(rel)
         with _wrap_io(rel):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -199,6 +309,9 @@ class DirectoryRun:
                 os.close(fd)
 
     def make_dir(self, rel: str) -> None:
+        self._later(lambda: self._make_dir(rel))
+
+    def _make_dir(self, rel: str) -> None:
         with _wrap_io(rel):
             make_dirs(self.layout.root / rel, stop=self.layout.root)
 
@@ -226,25 +339,12 @@ class DirectoryRun:
         """In place: each whiteout hides a name that the chains already published do
         not have below it (that is why it is needed), so no reader sees a change."""
         with _wrap_io(f"layer {layer.short}"):
-            add_whiteouts(self.layout.layerfs(layer), paths)
+            add_whiteouts(self.layer_dir(layer) / "layerfs", paths)
 
     def unmark_opaque(self, layer: Digest, path: bytes) -> None:
         """In place, after the layer's whiteouts (add_whiteouts, called first)."""
         with _wrap_io(f"layer {layer.short}"):
-            unmark_opaque(self.layout.layerfs(layer), path)
-
-    def settle(self) -> None:
-        """Every write of the dir backend is already in place."""
-
-    def flush(self) -> None:
-        """Every write of the dir backend is already in place."""
-
-    def commit(self) -> None:
-        self._commits += 1
-
-    @property
-    def publishes(self) -> int:
-        return self._commits
+            unmark_opaque(self.layer_dir(layer) / "layerfs", path)
 
 
 @contextlib.contextmanager
@@ -259,27 +359,14 @@ def _wrap_io(what: str) -> Iterator[None]:
 
 
 class DirectoryStagedLayer(LocalLayer):
-    """Unpacked under the run's staging directory, renamed into `.layers/` on commit."""
+    """Unpacked under the run's staging directory; moved into `.layers/` when the
+    run settles."""
 
     def __init__(self, run: DirectoryRun, digest: Digest, path: Path) -> None:
         super().__init__(digest, path)
         self._run = run
 
     def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
-        self.finish_writing()
-        meta = self.path / ".metadata"
         with _wrap_io(f"layer {self.digest}"):
-            (meta / WHITEOUTS).write_bytes(whiteouts.to_json())
-            (meta / "layers.json").write_bytes(layer_record_json(record))
-            for name in (WHITEOUTS, "layers.json"):
-                os.chmod(meta / name, 0o644)
-            final = self._run.layout.layer_dir(self.digest)
-            make_dirs(final.parent, stop=self._run.layout.root)
-            if final.exists():
-                # An earlier, incomplete copy (no layers.json): replace it whole.
-                old = self._run._temp("old-layer")
-                os.rename(final, old)
-                os.rename(self.path, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(self.path, final)
+            self.finish(record, whiteouts)
+        self._run._add_pending(self)

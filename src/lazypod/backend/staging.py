@@ -12,16 +12,27 @@ from typing import IO, Any, cast
 from isal import igzip
 
 from ..digest import Digest
-from ..repository import TAR_SPLIT
+from ..repository import (
+    LAYER_RECORD,
+    TAR_SPLIT,
+    WHITEOUTS,
+    LayerRecord,
+    LayerWhiteouts,
+    layer_record_json,
+)
 from ..unpack import DirectorySink
 
-__all__ = ["LocalLayer"]
+__all__ = ["PENDING_RECORD", "LocalLayer"]
 
 log = logging.getLogger(__name__)
 
+# The layer record waits under this name until the layer's files are on disk.
+PENDING_RECORD = LAYER_RECORD + ".pending"
+
 
 class LocalLayer:
-    """`<path>/layerfs/` (the unpacked layer) and `<path>/.metadata/` (its tar-split)."""
+    """`<path>/layerfs/` (the unpacked layer) and `<path>/.metadata/` (tar-split,
+    whiteouts.json, and the record waiting as layers.json.pending)."""
 
     def __init__(self, digest: Digest, path: Path) -> None:
         self.digest = digest
@@ -36,10 +47,15 @@ class LocalLayer:
             filename="", mode="wb", fileobj=self._tar_split_file, compresslevel=1, mtime=0)
         self.tar_split = cast(IO[bytes], writer)
 
-    def finish_writing(self) -> None:
+    def finish(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
+        """The layer is unpacked and verified: close the tar-split, write the records."""
         self.tar_split.close()
         self._tar_split_file.close()
-        os.chmod(self.path / ".metadata" / TAR_SPLIT, 0o644)
+        meta = self.path / ".metadata"
+        (meta / WHITEOUTS).write_bytes(whiteouts.to_json())
+        (meta / PENDING_RECORD).write_bytes(layer_record_json(record))
+        for name in (TAR_SPLIT, WHITEOUTS, PENDING_RECORD):
+            os.chmod(meta / name, 0o644)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

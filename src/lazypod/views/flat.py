@@ -110,8 +110,8 @@ class FlatBatch:
         # Images that share layers one after the other: a layer's scan is let go soon.
         self._todo = sorted(todo, key=lambda item: [d.hex for d in _layers(item[1])])
         self._state = state
-        self._read_layout = writer.read_layout
-        self._scans = LayerScans(writer.read_layout, writer.layout,
+        self._layer_dir = writer.layer_dir
+        self._scans = LayerScans(writer.layer_dir,
                                  [d for _, image in self._todo for d in set(_layers(image))])
 
     def __len__(self) -> int:
@@ -130,7 +130,7 @@ class FlatBatch:
         for rel, image in self._todo:
             assert image.config is not None
             layers = _layers(image)
-            tree = build_tree(self._scans, layers, self._read_layout, self._state.layout,
+            tree = build_tree(self._scans, layers, self._layer_dir, self._state.layout,
                               functools.partial(add_apptainer_metadata, config=image.config))
             yield rel, tree
             for digest in set(layers):

@@ -130,23 +130,21 @@ def _opaque_marker(xattrs: dict[str, bytes]) -> bool:
 
 class LayerScans:
     """Scans of the layers a batch of trees needs: each layer read once, and let go
-    once the last tree that needs it has been built. Content is read through
-    `read_layout`, layer records (whiteouts.json) through `layout`: on CVMFS the
-    first is the client view, the second the server view, where this run's records
-    are before they are published."""
+    once the last tree that needs it has been built. `layer_dir` says where a layer
+    is read from (a pending one from the run's staging, a published one, on CVMFS,
+    from the client view)."""
 
-    def __init__(self, read_layout: Layout, layout: Layout, uses: Iterable[Digest]) -> None:
-        self._read_layout = read_layout
-        self._layout = layout
+    def __init__(self, layer_dir: Callable[[Digest], Path], uses: Iterable[Digest]) -> None:
+        self._layer_dir = layer_dir
         self._remaining: Counter[Digest] = Counter(uses)
         self._scans: dict[Digest, LayerScan] = {}
 
     def get(self, digest: Digest) -> LayerScan:
         scan = self._scans.get(digest)
         if scan is None:
+            directory = self._layer_dir(digest)
             scan = self._scans[digest] = scan_layer(
-                self._read_layout.layerfs(digest), digest,
-                LayerWhiteouts.read(self._layout.layer_dir(digest)))
+                directory / "layerfs", digest, LayerWhiteouts.read(directory))
         return scan
 
     def release(self, digest: Digest) -> None:
@@ -397,11 +395,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def build_tree(scans: LayerScans, layers: list[Digest], read_layout: Layout,
+def build_tree(scans: LayerScans, layers: list[Digest], layer_dir: Callable[[Digest], Path],
                repo_layout: Layout, extra: Callable[[FlatTree], None]) -> FlatTree:
     """The merged tree of an image whose (non-foreign) layers are `layers`."""
     tree = FlatTree(
-        {d.hex: read_layout.layerfs(d) for d in layers},
+        {d.hex: layer_dir(d) / "layerfs" for d in layers},
         {d.hex: f"{repo_layout.layer_rel(d)}/layerfs" for d in layers},
     )
     merge_layers([scans.get(d) for d in layers], tree)

@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..backend import TreeWriter
 from ..digest import Digest
@@ -61,9 +62,8 @@ def render_opaque(state: RepositoryState, writer: TreeWriter,
                   warn: Callable[[str], None]) -> OpaqueReport:
     """Complete every layer with opaque directories for every chain it is used in."""
     report = OpaqueReport()
-    read = writer.read_layout
     layers: dict[Digest, _LayerState] = {}
-    scans = LayerScans(read, writer.layout, ())
+    scans = LayerScans(writer.layer_dir, ())
     added: dict[Digest, set[bytes]] = {}
     for image in state.images:
         if image.config is None or len(image.config.diff_ids) != len(image.manifest.layers):
@@ -80,8 +80,8 @@ def render_opaque(state: RepositoryState, writer: TreeWriter,
             layer = layers.get(digest)
             if layer is None:
                 layer = layers[digest] = _LayerState(
-                    LayerWhiteouts.read(state.layout.layer_dir(digest)),
-                    _read_chains(state, digest))
+                    LayerWhiteouts.read(writer.layer_dir(digest)),
+                    _read_chains(writer.layer_dir(digest)))
             if layer.whiteouts is None or not layer.whiteouts.opaque_dirs:
                 continue
             if not layer.checked_legacy:
@@ -139,8 +139,8 @@ def missing_whiteouts(lower: FlatTree, upper: LayerScan, opaque_dirs: tuple[byte
     return needed
 
 
-def _read_chains(state: RepositoryState, digest: Digest) -> set[str]:
-    path = state.layout.layer_metadata(digest) / OPAQUE_CHAINS
+def _read_chains(layer_dir: Path) -> set[str]:
+    path = layer_dir / METADATA / OPAQUE_CHAINS
     try:
         data = json.loads(path.read_bytes())
         return {str(c) for c in data.get("chains", [])} if isinstance(data, dict) else set()
@@ -154,7 +154,7 @@ def _migrate(state: RepositoryState, writer: TreeWriter, digest: Digest,
     the backend orders it so)."""
     fixed = 0
     try:
-        layer = LayerDir(writer.read_layout.layerfs(digest))
+        layer = LayerDir(writer.layer_dir(digest) / "layerfs")
     except OSError:
         return 0
     try:

@@ -8,9 +8,15 @@ and downloads only the rest. `overlay/<id>/diff` is an absolute symlink to the
 layer's `layerfs`: no layer content is ever copied.
 
 Update order keeps readers whole: new layer directories and big-data files
-first, then layers.json, then images.json (both replaced by rename, under the
-stores' lock files), then fresh lock tokens so long-running podman processes
-reload, and only then removal of what no image uses any more.
+first, then layers.json holding every old and new layer, then images.json, then
+layers.json without the layers no image uses any more (each replaced by rename,
+under the stores' lock files), then fresh lock tokens so long-running podman
+processes reload, and only then removal of what no image uses any more. A kill
+anywhere leaves a store podman loads.
+
+An image the repository lists but that cannot be rendered now (its metadata or a
+layer record cannot be read) keeps the entry it had in the store, with its layers,
+if it had one: a damaged file never makes an image disappear from every client.
 """
 
 from __future__ import annotations
@@ -29,17 +35,16 @@ from typing import Any
 
 from ..backend import TreeWriter
 from ..digest import Digest
+from ..errors import LazypodError
 from ..fsutil import listdir, read_or_none
 from ..layout import PODMAN_STORE
 from ..manifest import Compression, Descriptor
+from ..reference import parse_reference
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
+from .store_files import IMAGES_JSON, IMAGES_LOCK, LAYERS_JSON, LAYERS_LOCK, StoreFiles, read_store
 
 __all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store"]
 
-IMAGES_JSON = "overlay-images/images.json"
-LAYERS_JSON = "overlay-layers/layers.json"
-IMAGES_LOCK = "overlay-images/images.lock"
-LAYERS_LOCK = "overlay-layers/layers.lock"
 _PLAIN_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
 
 
@@ -99,6 +104,7 @@ class StoreModel:
     layers: dict[str, StoreLayer] = field(default_factory=dict)
     images: dict[str, StoreImage] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    skipped_names: set[str] = field(default_factory=set)  # podman names of skipped images
 
 
 def chain_ids(diff_ids: list[Digest]) -> list[str]:
@@ -132,7 +138,13 @@ def build_store_model(state: RepositoryState, warn: Callable[[str], None]) -> St
         why = _add_image(model, state, image, owners)
         if why:
             model.skipped.append(f"{image.public_name}: {why}")
+            model.skipped_names.add(image.podman_name)
             warn(f"podman store: skipping {image.public_name}: {why}")
+    for public_name in state.unreadable:
+        try:
+            model.skipped_names.add(parse_reference(public_name).podman_name)
+        except LazypodError:
+            continue
     return model
 
 
@@ -202,6 +214,7 @@ class StoreReport:
     added_layers: int
     removed_layers: int
     skipped: list[str]
+    kept: list[str] = field(default_factory=list)  # names whose last good entry was kept
 
 
 def render_image_store(
@@ -220,8 +233,10 @@ def render_image_store(
     model = build_store_model(state, warn)
     root = writer.layout.root / prefix
     public = layers_root or writer.public_root
-    old_layers = _read_ids(root / LAYERS_JSON)
-    old_images = _read_ids(root / IMAGES_JSON)
+    old = read_store(root)
+    for problem in old.problems:
+        warn(f"podman store: {problem}: rewriting it")
+    kept_images, kept_layers = _carry_over(model, old, root)
     created = _now()
 
     for skeleton in ("overlay/l", "overlay-images", "overlay-layers"):
@@ -241,31 +256,63 @@ def render_image_store(
         _ensure_big_data(writer, root, prefix, image)
 
     layer_entries = {lid: layer.entry(created) for lid, layer in model.layers.items()}
-    for lid, entry in old_layers.items():
-        if lid in layer_entries and "created" in entry:
+    for lid, entry in old.layers.items():
+        if lid in layer_entries and isinstance(entry.get("created"), str):
             layer_entries[lid]["created"] = entry["created"]  # keep the first publication time
-    stale_layers = set(old_layers) - set(layer_entries)
-    stale_images = set(old_images) - set(model.images)
+    layer_entries.update(kept_layers)
+    image_entries = [image.entry() for image in model.images.values()]
+    image_entries += list(kept_images.values())
+    stale_layers = set(old.layers) - set(layer_entries)
 
-    images_json = _dump([image.entry() for image in model.images.values()])
+    images_json = _dump(image_entries)
     layers_json = _dump(list(layer_entries.values()))
     current = (read_or_none(root / IMAGES_JSON), read_or_none(root / LAYERS_JSON))
     if current != (images_json, layers_json):
         with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
-            if stale_layers:  # while images go away, layers.json stays a superset
-                union = [*layer_entries.values(), *(old_layers[i] for i in sorted(stale_layers))]
+            # Layers before the images that name them, and until the images that
+            # used them are gone, the layers that go: every state podman reads is whole.
+            union = [*layer_entries.values(), *(old.layers[i] for i in sorted(stale_layers))]
+            if stale_layers or _dump(union) != current[1]:
                 writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(union))
             writer.write_file(f"{prefix}/{IMAGES_JSON}", images_json)
-            writer.write_file(f"{prefix}/{LAYERS_JSON}", layers_json)
+            if stale_layers:
+                writer.write_file(f"{prefix}/{LAYERS_JSON}", layers_json)
             # podman reloads a store only when a lock's token changes.
             writer.touch_lock(f"{prefix}/{LAYERS_LOCK}", lock_token())
             writer.touch_lock(f"{prefix}/{IMAGES_LOCK}", lock_token())
 
-    for image_id in stale_images:
+    wanted_images = set(model.images) | set(kept_images)
+    for image_id in set(old.images) - wanted_images:
         writer.remove(f"{prefix}/overlay-images/{image_id}")
-    _remove_stale_layers(writer, root, prefix, model)
-    return StoreReport(len(model.images), len(model.layers), added, len(stale_layers),
-                       model.skipped)
+    _remove_stale_layers(writer, root, prefix, set(model.layers) | set(kept_layers))
+    kept = sorted(name for entry in kept_images.values() for name in entry["names"])
+    for name in kept:
+        warn(f"podman store: kept the last good entry of {name}")
+    return StoreReport(len(model.images) + len(kept_images), len(layer_entries), added,
+                       len(stale_layers), model.skipped, kept)
+
+
+def _carry_over(model: StoreModel, old: StoreFiles, root: Path
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The old entries of images that cannot be rendered now, with their layers, as
+    long as everything they need is still there."""
+    taken = {name for image in model.images.values() for name in image.names}
+    images: dict[str, dict[str, Any]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for image_id, entry in old.images.items():
+        names = [n for n in entry.get("names", []) if n in model.skipped_names
+                 and n not in taken]
+        if not names or image_id in model.images:
+            continue
+        chain = old.chain(entry.get("layer"))
+        if chain is None or not all(
+                (root / "overlay" / lid / "diff").resolve().is_dir() for lid in chain):
+            continue
+        images[image_id] = {**entry, "names": names}
+        for lid in chain:
+            if lid not in model.layers:
+                layers[lid] = old.layers[lid]
+    return images, layers
 
 
 def _ensure_layer_dir(
@@ -318,26 +365,22 @@ def _ensure_big_data(writer: TreeWriter, root: Path, prefix: str, image: StoreIm
     writer.replace_dir(f"{prefix}/overlay-images/{image.id}", fill)
 
 
-def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, model: StoreModel) -> None:
-    wanted_links = {layer.link for layer in model.layers.values()}
+def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, wanted: set[str]) -> None:
+    wanted_links = {link_name(lid) for lid in wanted}
+    for lid in wanted:  # a kept layer's link name is whatever its directory says
+        linked = read_or_none(root / "overlay" / lid / "link")
+        if linked:
+            wanted_links.add(linked.decode(errors="replace").strip())
     for name in listdir(root / "overlay"):
-        if name != "l" and name not in model.layers:
+        if name != "l" and name not in wanted:
             writer.remove(f"{prefix}/overlay/{name}")
     for name in listdir(root / "overlay" / "l"):
         if name not in wanted_links:
             writer.remove(f"{prefix}/overlay/l/{name}")
     for name in listdir(root / "overlay-layers"):
         layer_id = name.removesuffix(".tar-split.gz")
-        if name.endswith(".tar-split.gz") and layer_id not in model.layers:
+        if name.endswith(".tar-split.gz") and layer_id not in wanted:
             writer.remove(f"{prefix}/overlay-layers/{name}")
-
-
-def _read_ids(path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        entries = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return {e["id"]: e for e in entries if isinstance(e, dict) and "id" in e}
 
 
 def _dump(obj: Any) -> bytes:
