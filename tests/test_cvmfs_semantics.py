@@ -266,3 +266,20 @@ def test_a_reader_under_the_server_view_makes_ingest_stop_with_its_transaction_o
     assert cvmfs.state()["transaction"]  # ingest opened it and did not abort it
     cvmfs.server("abort", "-f", cvmfs.name, check=True)
     assert not (cvmfs.client_view / "g").exists()
+
+
+def test_a_catalog_marker_for_a_directory_the_tar_does_not_give_takes_it_over(cvmfs):
+    rc, out = ingest_fifo(cvmfs, raw_tar([(info("d", tarfile.DIRTYPE, mode=0o755), None)]))
+    assert rc == 0 and os.lstat(cvmfs.client_view / "d").st_uid == 0, out
+    rc, out = ingest_fifo(cvmfs, raw_tar([(info("d/.cvmfscatalog", mode=0o644), b"")]))
+    assert rc == 0, out
+    assert os.lstat(cvmfs.client_view / "d").st_uid == 65534  # owner -1 now
+    cvmfs.server("transaction", cvmfs.name, check=True)
+    try:
+        (cvmfs.server_view / "d/new").write_text("n")
+    except OSError as exc:  # the real server: EACCES in it, EOVERFLOW below it
+        assert exc.errno in (errno.EACCES, errno.EOVERFLOW)
+    else:  # the stand-in
+        proc = cvmfs.server("publish", cvmfs.name)
+        assert proc.returncode != 0 and b"Value too large" in proc.stderr
+    cvmfs.server("abort", "-f", cvmfs.name, check=True)

@@ -168,6 +168,7 @@ class _Judge:
     def __init__(self) -> None:
         self.seen: dict[SafePath, str] = {}
         self.symlinks: set[SafePath] = set()
+        self.devices: dict[SafePath, tuple[str, int, int]] = {}  # kind, major, minor
 
     def check_parents(self, path: SafePath, unsafe_name: bytes) -> None:
         if self.symlinks:
@@ -178,12 +179,17 @@ class _Judge:
                         f"{display(path[:i])!r}: refusing the layer"
                     )
 
-    def record(self, path: SafePath, kind: str) -> None:
+    def record(self, path: SafePath, kind: str,
+               device: tuple[str, int, int] | None = None) -> None:
         self.seen[path] = kind
         if kind == MemberType.SYMLINK:
             self.symlinks.add(path)
         else:
             self.symlinks.discard(path)
+        if device is not None:
+            self.devices[path] = device
+        else:
+            self.devices.pop(path, None)
 
 
 def _dispatch(
@@ -245,12 +251,19 @@ def _dispatch(
                 f"{display(member.unsafe_linkname)!r}, which is not a file of this layer: "
                 "refusing the layer"
             )
+        device = judge.devices.get(target)
+        if device is not None:  # the link's header sets the shared inode's owner and mode
+            meta = _tame_device(member.unsafe_name, *device, meta, warn)
         if target != path:
             sink.hardlink(path, target, meta)
-        kind = target_kind
+        judge.record(path, target_kind, device)
+        return
     elif kind in (MemberType.CHAR, MemberType.BLOCK):
-        meta = _tame_device(member, meta, warn)
+        meta = _tame_device(member.unsafe_name, kind, member.devmajor, member.devminor, meta,
+                            warn)
         sink.device(path, meta, kind, member.devmajor, member.devminor)
+        judge.record(path, kind, (kind, member.devmajor, member.devminor))
+        return
     elif kind == MemberType.FIFO:
         sink.fifo(path, meta)
     judge.record(path, kind)
@@ -261,18 +274,19 @@ def _dispatch(
 _HARMLESS_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2)})
 
 
-def _tame_device(member: TarMember, meta: Meta, warn: Callable[[str], None]) -> Meta:
+def _tame_device(unsafe_name: bytes, kind: str, major: int, minor: int, meta: Meta,
+                 warn: Callable[[str], None]) -> Meta:
     """A repository is readable by every user of the machine: a device node from an
     image (a disk, say) must not open the host's device to them. Other devices than
-    the harmless ones are kept, but root's alone."""
-    harmless = member.type == MemberType.CHAR and (member.devmajor, member.devminor) in \
-        _HARMLESS_DEVICES
+    the harmless ones are kept, but root's alone, whatever name (a hardlink's header
+    too) sets their owner and mode."""
+    harmless = kind == MemberType.CHAR and (major, minor) in _HARMLESS_DEVICES
     if harmless or (meta.uid == meta.gid == 0 and not meta.mode & 0o077):
         return meta
-    kind = "c" if member.type == MemberType.CHAR else "b"
-    warn(f"device {display(member.unsafe_name)!r} ({kind} {member.devmajor}:"
-         f"{member.devminor}, mode {meta.mode:o}, owner {meta.uid}:{meta.gid}) kept as "
-         "root's with mode 0600: the repository must not open host devices to its readers")
+    letter = "c" if kind == MemberType.CHAR else "b"
+    warn(f"device {display(unsafe_name)!r} ({letter} {major}:{minor}, mode {meta.mode:o}, "
+         f"owner {meta.uid}:{meta.gid}) kept as root's with mode 0600: the repository must "
+         "not open host devices to its readers")
     return replace(meta, uid=0, gid=0, mode=meta.mode & 0o7700 & ~0o100)
 
 

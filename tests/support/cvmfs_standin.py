@@ -452,6 +452,7 @@ def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[
             st = os.lstat(directory)
             dir_times[directory] = (st.st_atime_ns, st.st_mtime_ns)
 
+    given = {os.fsencode(m.name).strip(b"/") for m, _ in staged[1] if m.isdir()}
     for member, content in staged[1]:
         name = os.fsencode(member.name).strip(b"/")
         if name in (b"", b"."):
@@ -498,6 +499,13 @@ def _apply_tar(repo: Repo, staged: Staged, base: str, keep_owner: bool) -> list[
         if not member.issym():
             os.chmod(path, member.mode)
         os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        parent_rel = os.path.dirname(rel)
+        if parts[-1] == b".cvmfscatalog" and keep_owner and \
+                os.path.dirname(name) not in given:
+            # A catalog marker in a directory the tar does not give: ingest rewrites that
+            # directory's entry from its own placeholder, owned by -1 (measured).
+            os.chown(os.path.dirname(path), 65534, 65534)
+            implicit.append(parent_rel)
     for path, source in hardlinks:
         # A catalog entry cloned from the source: its content and metadata, no xattrs,
         # an independent copy (nlink 1). A missing source makes ingest PANIC.

@@ -135,3 +135,16 @@ def test_deep_paths_are_fine_absurd_ones_refused(tmp_path):
     (tmp_path / "2").mkdir()
     with pytest.raises(UnsafeLayer, match="257 directories deep"):
         unpack(tmp_path / "2", [Entry("/".join(["d"] * 257), data=b"x")])
+
+
+def test_a_second_name_cannot_untame_a_device(tmp_path):
+    warnings: list[str] = []
+    root, _ = unpack(tmp_path, [
+        Entry("dev/", "dir"),
+        Entry("dev/sda", "block", mode=0o660, uid=0, gid=6, major=8, minor=0),
+        Entry("dev/also-sda", "hardlink", target="dev/sda", mode=0o666, uid=1000, gid=1000),
+    ], warnings)
+    for name in ("sda", "also-sda"):
+        st = os.lstat(root / "dev" / name)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0), name
+    assert len(warnings) == 2

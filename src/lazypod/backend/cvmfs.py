@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -207,7 +208,6 @@ class CvmfsRun:
         self._pending: dict[Digest, CvmfsStagedLayer] = {}
         self._waiting: list[Callable[[], None]] = []  # writes that wait for settle()
         self._ingest_parts: list[Iterator[Member]] = []  # whiteouts, flat trees
-        self._ingest_deletes: list[str] = []  # leftovers the ingest replaces
         self._after_ingest: list[Callable[[], None]] = []
         self._in_transaction = False
 
@@ -277,14 +277,11 @@ class CvmfsRun:
             if self._in_transaction:  # a second round: its ingest needs the first published
                 self._server.publish()
                 self._in_transaction = False
-            # An incomplete copy of a layer (content published, record not), or of a
-            # flat tree: ingest would merge into it, so it goes first.
-            stale = [self.layout.layer_rel(p.digest) for p in plans
-                     if self._client.layer_dir(p.digest).exists()] + self._ingest_deletes
-            self._ingest_deletes = []
-            self._server.ingest("/", chain(self._skeleton(plans, stale), *(
+            # A layer whose content an interrupted run published without its record
+            # (an ingest is all or nothing) is the same content: ingest merges into it.
+            self._server.ingest("/", chain(self._skeleton(plans), *(
                 plan.members(f"{self.layout.layer_rel(plan.digest)}/layerfs")
-                for plan in plans), *parts), delete=stale)
+                for plan in plans), *parts))
         for plan in plans:
             if plan.needs_transaction:
                 self._tx(functools.partial(plan.write_xattrs, self.layout.layerfs(plan.digest)))
@@ -295,34 +292,32 @@ class CvmfsRun:
         for action in actions:
             self._tx(action)
 
-    def _skeleton(self, plans: list[LayerPlan], deleted: list[str]) -> Iterator[Member]:
+    def _skeleton(self, plans: list[LayerPlan]) -> Iterator[Member]:
         """Explicit directories above the layers (ingest -k would make them owned by
-        -1) and the catalog markers; what the ingest deletes first counts as missing."""
+        -1), each new one with its catalog marker. A marker for a directory that
+        exists already would make ingest rewrite that directory's entry with owner -1
+        (measured): markers go only with the directories this ingest makes."""
         made: set[str] = set()
+        now = int(time.time())
 
-        def gone(rel: str) -> bool:
-            return any(rel == d or rel.startswith(d + "/") for d in deleted)
-
-        def directory(rel: str) -> Iterator[Member]:
-            if rel not in made and (gone(rel) or not (self._client.root / rel).is_dir()):
-                made.add(rel)
-                info = tarfile.TarInfo(rel)
-                info.type, info.mode, info.uname, info.gname = tarfile.DIRTYPE, 0o755, "", ""
-                yield info, None
+        def directory(rel: str, *, catalog: bool) -> Iterator[Member]:
+            if rel in made or (self._client.root / rel).is_dir():
+                return
+            made.add(rel)
+            info = tarfile.TarInfo(rel)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
+            info.uname = info.gname = ""
+            yield info, None
+            if catalog:
+                yield _marker(f"{rel}/{CATALOG_MARKER}")
 
         for plan in plans:
             rel = self.layout.layer_rel(plan.digest)
-            prefix = rel.rsplit("/", 1)[0]
-            yield from directory(LAYERS)
-            yield from directory(FLAT)
-            yield from directory(prefix)
-            yield from directory(rel)
-            yield from directory(f"{rel}/.metadata")
-            for marker in (f"{LAYERS}/{CATALOG_MARKER}", f"{prefix}/{CATALOG_MARKER}",
-                           f"{rel}/{CATALOG_MARKER}"):
-                if marker not in made:
-                    made.add(marker)
-                    yield _marker(marker)
+            yield from directory(LAYERS, catalog=True)
+            yield from directory(FLAT, catalog=False)
+            yield from directory(rel.rsplit("/", 1)[0], catalog=True)
+            yield from directory(rel, catalog=True)
+            yield from directory(f"{rel}/.metadata", catalog=False)
 
     def _write_records(self, layer: CvmfsStagedLayer) -> None:
         meta = self.layout.layer_metadata(layer.digest)
@@ -413,13 +408,11 @@ class CvmfsRun:
 
     def add_trees(self, batch: TreeBatch) -> None:
         """The new flat trees go with the run's one ingest; the layers they need are
-        read now (not while cvmfs_server runs). Leftovers of a tree that never
-        completed are removed first."""
+        read now (not while cvmfs_server runs). A tree an older version left half done
+        is the same tree: ingest merges into it."""
         if not len(batch):
             return
         batch.prefetch()
-        self._ingest_deletes += [rel for rel in batch.rels()
-                                 if (self._client.root / rel).exists()]
         self._ingest_parts.append(_flat_members(batch, self._client.root))
 
 
@@ -436,6 +429,8 @@ class CvmfsStagedLayer(LocalLayer):
 
 
 def _flat_members(batch: TreeBatch, published: Path) -> Iterator[Member]:
+    """Each tree with a catalog of its own, each new `.flat/<c2>` too (markers only
+    with directories this ingest makes, as `_skeleton` explains)."""
     parents_done: set[str] = set()
     for rel, tree in batch:
         parent = rel.rsplit("/", 1)[0]
@@ -443,11 +438,14 @@ def _flat_members(batch: TreeBatch, published: Path) -> Iterator[Member]:
             parents_done.add(parent)
             if not (published / parent).is_dir():
                 info = tarfile.TarInfo(parent)
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+                info.uname = info.gname = ""
                 yield info, None
-            yield _marker(f"{parent}/{CATALOG_MARKER}")
+                yield _marker(f"{parent}/{CATALOG_MARKER}")
+        new = not (published / rel).is_dir()
         yield from tree.tar_members(rel)
-        yield _marker(f"{rel}/{CATALOG_MARKER}")
+        if new:
+            yield _marker(f"{rel}/{CATALOG_MARKER}")
 
 
 def _marker(name: str) -> Member:

@@ -29,7 +29,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,10 +196,8 @@ class CvmfsServer:
             raise BackendError(f"`cvmfs_server abort -f {self.repository}` failed: "
                                f"{_last_line(proc)}; run it by hand")
 
-    def ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, TarContent]],
-               *, delete: Sequence[str] = ()) -> None:
-        """One `cvmfs_server ingest -k` of the tar made of `members`, under `base`,
-        after removing the paths in `delete`.
+    def ingest(self, base: str, members: Iterator[tuple[tarfile.TarInfo, TarContent]]) -> None:
+        """One `cvmfs_server ingest -k` of the tar made of `members`, under `base`.
 
         On any failure (ours while producing the tar, or the server's), the ingest is
         made to fail and the server aborts its own transaction; nothing of it is
@@ -209,10 +207,7 @@ class CvmfsServer:
             fifo = Path(tmp) / "ingest.tar"
             os.mkfifo(fifo, 0o600)
             output = (Path(tmp) / "output").open("w+b")
-            cmd = [self._command, "ingest", "-k", "-t", str(fifo), "-b", base]
-            for path in delete:
-                cmd += ["-d", path]
-            cmd.append(self.repository)
+            cmd = [self._command, "ingest", "-k", "-t", str(fifo), "-b", base, self.repository]
             log.debug("running %s", " ".join(cmd))
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -10,8 +10,10 @@ Whiteouts are honoured in every form a repository may hold them: overlay 0/0
 character devices and opaque xattrs, AUFS `.wh.` files (DUCC's layers), and the
 layer's `whiteouts.json`.
 
-Writing: into a directory, a tree's files are hardlinks to the layers' files (no
-space, one system call per file); into a tar for `cvmfs_server ingest`, they are
+Writing: into a directory, a tree's files are reflink copies of the layers' files
+where the file system makes them (XFS, btrfs: no space, an inode of their own),
+else hardlinks (no space, one system call per file, but the inode is the layer's:
+`podman run --rootfs DIR:O`, not `DIR`); into a tar for `cvmfs_server ingest`, they are
 hardlink members naming the layers' files in the repository, which CVMFS turns
 into catalog entries sharing the content (no file content is read or sent).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -46,6 +49,7 @@ from ..securepath import LayerDir, walk_layer
 __all__ = ["FlatTree", "LayerScan", "LayerScans", "Node", "merge_layers", "scan_layer"]
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FICLONE = 0x40049409  # ioctl: share a file's extents (XFS, btrfs)
 
 
 @dataclass(slots=True)
@@ -287,6 +291,7 @@ class _DirectoryWriter:
         self._root = os.geteuid() == 0
         self._layers: dict[str, LayerDir] = {}
         self._copies: dict[tuple[str, int], bytes] = {}  # (layer, inode) -> our copy
+        self._reflinks: bool | None = None  # does the file system make reflinks?
 
     def close(self) -> None:
         for layer in self._layers.values():
@@ -334,39 +339,68 @@ class _DirectoryWriter:
                 self._apply_meta(dir_fd, name, node, created=None)
 
     def _link(self, dir_fd: int, name: bytes, rel: bytes, node: Node) -> bool:
-        """Hardlink the layer's file; True if that gave the entry its metadata too."""
+        """The layer's file in the tree: a reflink copy where the file system makes
+        them (its own inode: a container writing to it changes no layer), else a
+        hardlink (shared: the README says how to run a flat tree). True if that gave
+        the entry its metadata too."""
         key = (node.layer, node.inode)
         if node.inode and key in self._copies:
             os.link(self._copies[key], name, src_dir_fd=self._dest_fd, dst_dir_fd=dir_fd,
                     follow_symlinks=False)
             return True
         layer = self._layer(node.layer)
-        parent, source = layer.parent(tuple(node.path.split(b"/")), create=False)
+        path = tuple(node.path.split(b"/"))
+        if self._reflinks is not False:
+            if self._copy(layer, path, dir_fd, name, reflink=True):
+                self._remember(key, node, rel)
+                return False
+            self._reflinks = False
+        parent, source = layer.parent(path, create=False)
         try:
             os.link(source, name, src_dir_fd=parent, dst_dir_fd=dir_fd, follow_symlinks=False)
             return True  # owner, mode, times and xattrs are the layer file's
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
-        src = layer.open_file(tuple(node.path.split(b"/")))
+        self._copy(layer, path, dir_fd, name, reflink=False)
+        self._remember(key, node, rel)
+        return False
+
+    def _remember(self, key: tuple[str, int], node: Node, rel: bytes) -> None:
+        if node.inode:
+            self._copies[key] = rel
+
+    def _copy(self, layer: LayerDir, path: tuple[bytes, ...], dir_fd: int, name: bytes, *,
+              reflink: bool) -> bool:
+        """Copy a layer file (content and xattrs); with `reflink`, only by sharing its
+        extents: False (and nothing left behind) where the file system cannot."""
+        src = layer.open_file(path)
         try:
             dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                           dir_fd=dir_fd)
             try:
-                with open(src, "rb", closefd=False) as fin, \
-                        open(dst, "wb", closefd=False) as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
+                if reflink:
+                    try:
+                        fcntl.ioctl(dst, _FICLONE, src)
+                    except OSError:
+                        os.close(dst)
+                        dst = -1
+                        os.unlink(name, dir_fd=dir_fd)
+                        return False
+                else:
+                    with open(src, "rb", closefd=False) as fin, \
+                            open(dst, "wb", closefd=False) as fout:
+                        shutil.copyfileobj(fin, fout, 1 << 20)
                 for xattr in os.listxattr(src):
                     if not xattr.startswith(RESERVED_XATTR_PREFIXES):
                         with contextlib.suppress(OSError):
                             os.setxattr(dst, xattr, os.getxattr(src, xattr))
             finally:
-                os.close(dst)
+                if dst >= 0:
+                    os.close(dst)
         finally:
             os.close(src)
-        if node.inode:
-            self._copies[key] = rel
-        return False
+        return True
 
     def _layer(self, hexdigest: str) -> LayerDir:
         layer = self._layers.get(hexdigest)
