@@ -9,9 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # podman and friends, the registry the tests and the demo run on loopback, busybox for
 # test images, debootstrap for a real-world Debian test image, attr for inspecting xattrs,
-# apache2-utils for the registry's htpasswd.
+# apache2-utils for the registry's htpasswd, xfsprogs for a file system with reflinks.
 PACKAGES=(podman runc skopeo fuse-overlayfs uidmap slirp4netns docker-registry debootstrap
-          busybox-static attr apache2-utils python3-venv python3-pip ca-certificates)
+          busybox-static attr apache2-utils xfsprogs python3-venv python3-pip ca-certificates)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

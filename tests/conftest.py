@@ -54,10 +54,10 @@ class Lazypod:
             "REGISTRY_AUTH_FILE": str(home / "auth.json"),
         }
 
-    def __call__(self, *args: str, check: bool = True,
-                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([LAZYPOD, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=cwd)
         if check and proc.returncode != 0:
             raise AssertionError(f"lazypod {' '.join(args)} failed ({proc.returncode}):\n"
                                  f"{proc.stderr}")

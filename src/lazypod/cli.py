@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, faults
 from .backend import Backend
 from .backend.cvmfs import CvmfsBackend, CvmfsConfig
 from .backend.directory import DirectoryBackend
@@ -98,6 +98,26 @@ def _fail_cleanly(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _fault_hook() -> None:
+    """Fault injection for the tests: LAZYPOD_KILL_AT=N kills lazypod (SIGKILL) at the
+    N-th point where it makes a change visible; LAZYPOD_COUNT_POINTS=FILE writes how
+    many points a run reached (see lazypod.faults)."""
+    kill_at = os.environ.get("LAZYPOD_KILL_AT")
+    count_file = os.environ.get("LAZYPOD_COUNT_POINTS")
+    if not kill_at and not count_file:
+        return
+    reached = [0]
+
+    def hook(point: str) -> None:
+        reached[0] += 1
+        if count_file:
+            Path(count_file).write_text(f"{reached[0]}\n")
+        if kill_at and reached[0] == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    faults.install(hook)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lazypod")
 @click.option("-v", "--verbose", count=True, help="More detail (-v: info, -vv: debug).")
@@ -107,6 +127,7 @@ def main(verbose: int, log_format: str) -> None:
     """Publish container images as unpacked layers on CVMFS (or any shared file
     system) and let podman run them from there, with no pull."""
     setup_logging(verbose, log_format == "json")
+    _fault_hook()
 
 
 def _registry_options(func: F) -> F:

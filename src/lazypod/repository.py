@@ -122,27 +122,30 @@ class RepositoryState:
     layout: Layout
     images: list[ImageRecord] = field(default_factory=list)
     layers: dict[Digest, LayerRecord] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # other problems found by a run
 
     @classmethod
     def load(cls, layout: Layout) -> RepositoryState:
         state = cls(layout)
         state.layers = dict(_scan_layers(layout.root / LAYERS))
-        for digest, record in state.layers.items():
-            if record.damaged:
-                state.problems.append(f"layer {digest.short}: {record.damaged}; converting an "
-                                      "image that uses it repairs it")
         for rel in _scan_image_dirs(layout.root / METADATA):
             try:
                 state.images.append(_load_image(layout, rel))
             except (LazypodError, OSError, ValueError, TypeError, KeyError,
                     AttributeError) as exc:
                 state.unreadable[rel] = str(exc) or exc.__class__.__name__
-                state.problems.append(f"image {rel}: {state.unreadable[rel]}; convert it "
-                                      "again, or remove it with `lazypod rm`")
         state.images.sort(key=lambda image: image.public_name)
         return state
+
+    @property
+    def problems(self) -> list[str]:
+        """What is wrong with the repository now, each with what to do about it."""
+        found = [f"layer {digest.short}: {record.damaged}; converting an image that uses it "
+                 "repairs it" for digest, record in self.layers.items() if record.damaged]
+        found += [f"image {name}: {why}; convert it again, or remove it with `lazypod rm`"
+                  for name, why in self.unreadable.items()]
+        return found + self.notes
 
     def layer(self, digest: Digest) -> LayerRecord | None:
         return self.layers.get(digest)
@@ -157,9 +160,7 @@ class RepositoryState:
 
     def drop_image(self, public_name: str) -> None:
         self.images = [i for i in self.images if i.public_name != public_name]
-        if self.unreadable.pop(public_name, None) is not None:
-            self.problems = [p for p in self.problems if not p.startswith(
-                f"image {public_name}: ")]
+        self.unreadable.pop(public_name, None)
 
     def image(self, public_name: str) -> ImageRecord | None:
         return next((i for i in self.images if i.public_name == public_name), None)

@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .. import faults
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
 from ..fsutil import make_dirs
@@ -199,6 +200,7 @@ class DirectoryRun:
             for layer in pending.values():
                 final = self.layout.layer_dir(layer.digest)
                 make_dirs(final.parent, stop=self.layout.root)
+                faults.reached("layer")
                 if final.exists() or final.is_symlink():
                     # An earlier copy that is not complete (no record, or a damaged one).
                     if not _exchange(layer.path, final):
@@ -214,6 +216,7 @@ class DirectoryRun:
                 sync_file_system(self.layout.root)  # the files, before the records
             for layer in pending.values():
                 meta = layer.path / ".metadata"
+                faults.reached("layer record")
                 os.replace(meta / PENDING_RECORD, meta / LAYER_RECORD)
         self._settles += 1
         waiting, self._waiting = self._waiting, []
@@ -245,6 +248,7 @@ class DirectoryRun:
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
+            faults.reached("file")
             os.replace(temp, self._final(rel))
 
     def symlink(self, rel: str, target: str) -> None:
@@ -258,6 +262,7 @@ class DirectoryRun:
         temp = self._temp("link")
         with _wrap_io(rel):
             os.symlink(target, temp)
+            faults.reached("symlink")
             os.replace(temp, self._final(rel))
 
     def replace_dir(self, rel: str, fill: Callable[[Path], None]) -> None:
@@ -271,6 +276,7 @@ class DirectoryRun:
     def _put_dir(self, rel: str, temp: Path) -> None:
         with _wrap_io(rel):
             final = self._final(rel)
+            faults.reached("directory")
             if final.exists() or final.is_symlink():
                 if not _exchange(temp, final):
                     old = self._temp("old")
@@ -286,6 +292,7 @@ class DirectoryRun:
 
     def _remove(self, rel: str) -> None:
         path = self.layout.root / rel
+        faults.reached("remove")
         with _wrap_io(rel):
             if path.is_dir() and not path.is_symlink():
                 trash = self._temp("trash")
@@ -300,6 +307,7 @@ class DirectoryRun:
 
     def _touch_lock(self, rel: str, token: bytes) -> None:
         path = self._final(rel)
+        faults.reached("lock token")
         with _wrap_io(rel):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:

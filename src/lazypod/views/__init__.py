@@ -57,7 +57,7 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
         report.store = render_image_store(state, writer, warn)
         report.layer_store = render_layer_store(state, writer, warn)
         for name in report.store.kept:
-            state.problems.append(f"{name}: could not be rendered now; the podman store keeps "
+            state.notes.append(f"{name}: could not be rendered now; the podman store keeps "
                                   "its last good entry")
     return report
 
