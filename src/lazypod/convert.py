@@ -234,7 +234,7 @@ class _Pipeline:
         for layer in fetched:
             digest = layer.record.digest
             if digest not in self._committed:
-                layer.staged.commit(layer.record, layer.whiteouts)
+                layer.staged.commit()
                 self._state.put_layer(layer.record)
                 self._committed.add(digest)
                 result.fetched_layers += 1

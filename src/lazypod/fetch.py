@@ -111,6 +111,7 @@ class ImageFetcher:
             task = self._progress.start(desc.digest.short, desc.size)
             try:
                 record, whiteouts = self._unpack(ref, desc, diff_id, staged, task, what)
+                staged.seal(record, whiteouts)
                 return FetchedLayer(staged, record, whiteouts, desc.size)
             except RegistryUnreachable as exc:
                 staged.abort()

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["UMASK", "listdir", "make_dirs", "read_or_none", "remove_tree"]
+__all__ = ["UMASK", "listdir", "make_dirs", "read_or_none", "remove_tree", "write_new"]
 
 
 def _read_umask() -> int:
@@ -47,7 +47,24 @@ def make_dirs(path: Path, *, stop: Path | None = None) -> None:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=0o755)
-            directory.chmod(0o755)
+            if UMASK & 0o755:
+                directory.chmod(0o755)
+
+
+def write_new(path: str | os.PathLike[str] | bytes, data: bytes, mode: int = 0o644, *,
+              dir_fd: int | None = None) -> None:
+    """Create the file `path` (it must not exist) holding `data`, with `mode` whatever
+    the umask, in as few system calls as that takes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if mode & UMASK:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

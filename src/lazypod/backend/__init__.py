@@ -4,9 +4,10 @@ A backend opens a `PublishRun` (under the repository's lock). Its contract, in c
 order, as containers/image writes its ImageDestination's:
 
 1. `stage_layer(digest)` gives a `StagedLayer` to unpack into, in a local staging
-   directory nobody else reads. `StagedLayer.commit(record, whiteouts)` makes it
-   *pending*: `has_layer` says yes, `layer_dir` reads it, readers of the repository
-   do not see it yet. `abort()` drops it. Any number, from several threads.
+   directory nobody else reads; `seal(record, whiteouts)` ends the unpacking (any
+   thread). `commit()` makes it *pending* (the converter's thread): `has_layer` says
+   yes, `layer_dir` reads it, readers of the repository do not see it yet.
+   `abort()` drops it.
 2. Writes (`write_file`, `symlink`, `remove`, `make_dir`, `touch_lock`,
    `replace_dir`) and layer content (`add_whiteouts`, `unmark_opaque`, `add_trees`)
    issued before `settle()` wait for it: readers never see metadata that names a
@@ -16,16 +17,19 @@ order, as containers/image writes its ImageDestination's:
    file is), then the waiting content and writes, in the order they were issued.
    After it, writes take effect as they are issued (each one whole). It may be
    called again after more layers were staged (a checkpoint).
-4. `commit()` settles what is left and makes the run durable (`dir`: one sync;
-   `cvmfs`: the publish). Leaving the run's context without it (an exception, a
-   signal) drops what is not settled: staged layers, waiting writes, and on CVMFS
-   the open transaction. What a failure leaves is always a state readers accept:
-   the last published one, or one with complete layers that no image names yet.
+4. `commit()` settles what is left and publishes it (`cvmfs`: the publish; `dir`:
+   nothing more, the layers' records were synced, and what came after them is
+   written again by the next run if a crash loses it). Leaving the run's context
+   without it (an exception, a signal) drops what is not settled: staged layers,
+   waiting writes, and on CVMFS the open transaction. What a failure leaves is
+   always a state readers accept: the last published one, or one with complete
+   layers that no image names yet.
 
 The `dir` backend makes every single write atomic (a temporary sibling, then a
-rename) and syncs the file system once per settle; the `cvmfs` backend makes one
-run two publishes: one `cvmfs_server ingest` (layer content, whiteouts, flat trees)
-and one transaction (xattrs, records, metadata, podman stores, links).
+rename) and syncs the file system once per settle (before the layer records); the
+`cvmfs` backend makes one run two publishes: one `cvmfs_server ingest` (layer
+content, whiteouts, flat trees) and one transaction (xattrs, records, metadata,
+podman stores, links).
 """
 
 from __future__ import annotations
@@ -91,7 +95,8 @@ class StagedLayer(Protocol):
     @property
     def tar_split(self) -> IO[bytes]: ...
 
-    def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None: ...
+    def seal(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None: ...
+    def commit(self) -> None: ...
     def abort(self) -> None: ...
 
 

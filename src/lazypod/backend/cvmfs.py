@@ -52,8 +52,6 @@ from ..repository import (
     LAYER_RECORD,
     TAR_SPLIT,
     WHITEOUTS,
-    LayerRecord,
-    LayerWhiteouts,
     read_layer_record,
 )
 from . import TreeBatch
@@ -423,8 +421,7 @@ class CvmfsStagedLayer(LocalLayer):
         super().__init__(digest, local)
         self._run = run
 
-    def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
-        self.finish(record, whiteouts)
+    def commit(self) -> None:
         self._run._add_pending(self)
 
 

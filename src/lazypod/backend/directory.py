@@ -224,9 +224,9 @@ class DirectoryRun:
             action()
 
     def commit(self) -> None:
+        """Settle what is left. No sync of its own: what was written after the layers'
+        sync (metadata, views) is rewritten by the next run if a crash loses it."""
         self.settle()
-        with _wrap_io("the repository"):
-            sync_file_system(self.layout.root)
 
     @property
     def publishes(self) -> int:
@@ -374,7 +374,9 @@ class DirectoryStagedLayer(LocalLayer):
         super().__init__(digest, path)
         self._run = run
 
-    def commit(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
+    def seal(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
         with _wrap_io(f"layer {self.digest}"):
-            self.finish(record, whiteouts)
+            super().seal(record, whiteouts)
+
+    def commit(self) -> None:
         self._run._add_pending(self)

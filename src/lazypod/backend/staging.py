@@ -12,6 +12,7 @@ from typing import IO, Any, cast
 from isal import igzip
 
 from ..digest import Digest
+from ..fsutil import UMASK, write_new
 from ..repository import (
     LAYER_RECORD,
     TAR_SPLIT,
@@ -39,23 +40,26 @@ class LocalLayer:
         self.path = path
         for directory in (path, path / "layerfs", path / ".metadata"):
             directory.mkdir(mode=0o755, parents=directory == path)
-            os.chmod(directory, 0o755)
+            if UMASK & 0o755:
+                os.chmod(directory, 0o755)
         self.sink = DirectorySink(path / "layerfs", warn=lambda m: log.warning("%s", m))
-        self._tar_split_file = (path / ".metadata" / TAR_SPLIT).open("wb")
+        self._tar_split_file = open(  # noqa: SIM115 (closed by seal or abort)
+            os.open(path / ".metadata" / TAR_SPLIT,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), "wb")
         # No name and no time in the gzip header: the bytes depend on the content only.
         writer: Any = igzip.GzipFile(  # type: ignore[no-untyped-call]
             filename="", mode="wb", fileobj=self._tar_split_file, compresslevel=1, mtime=0)
         self.tar_split = cast(IO[bytes], writer)
 
-    def finish(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
+    def seal(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
         """The layer is unpacked and verified: close the tar-split, write the records."""
         self.tar_split.close()
         self._tar_split_file.close()
         meta = self.path / ".metadata"
-        (meta / WHITEOUTS).write_bytes(whiteouts.to_json())
-        (meta / PENDING_RECORD).write_bytes(layer_record_json(record))
-        for name in (TAR_SPLIT, WHITEOUTS, PENDING_RECORD):
-            os.chmod(meta / name, 0o644)
+        write_new(meta / WHITEOUTS, whiteouts.to_json())
+        write_new(meta / PENDING_RECORD, layer_record_json(record))
+        if UMASK & 0o644:
+            os.chmod(meta / TAR_SPLIT, 0o644)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ from ..backend import TreeWriter
 from ..digest import Digest
 from ..manifest import ImageConfig
 from ..repository import ImageRecord, RepositoryState
-from .flat_tree import FlatTree, LayerScans, Node, build_tree
+from .flat_tree import FlatTree, LayerScans, Node, OpenLayers, build_tree
 
 __all__ = ["FlatBatch", "FlatReport", "apptainer_files", "render_flat"]
 
@@ -127,14 +127,20 @@ class FlatBatch:
         self._scans.prefetch()
 
     def __iter__(self) -> Iterator[tuple[str, FlatTree]]:
-        for rel, image in self._todo:
-            assert image.config is not None
-            layers = _layers(image)
-            tree = build_tree(self._scans, layers, self._layer_dir, self._state.layout,
-                              functools.partial(add_apptainer_metadata, config=image.config))
-            yield rel, tree
-            for digest in set(layers):
-                self._scans.release(digest)
+        opened = OpenLayers()  # shared by the trees
+        try:
+            for rel, image in self._todo:
+                assert image.config is not None
+                layers = _layers(image)
+                tree = build_tree(self._scans, layers, self._layer_dir, self._state.layout,
+                                  functools.partial(add_apptainer_metadata, config=image.config),
+                                  opened)
+                yield rel, tree
+                for digest in set(layers):
+                    if self._scans.release(digest):
+                        opened.close(digest.hex)
+        finally:
+            opened.close()
 
 
 def _layers(image: ImageRecord) -> list[Digest]:

@@ -46,7 +46,8 @@ from ..overlay import (
 from ..repository import LayerWhiteouts
 from ..securepath import LayerDir, walk_layer
 
-__all__ = ["FlatTree", "LayerScan", "LayerScans", "Node", "merge_layers", "scan_layer"]
+__all__ = ["FlatTree", "LayerScan", "LayerScans", "Node", "OpenLayers", "merge_layers",
+           "scan_layer"]
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FICLONE = 0x40049409  # ioctl: share a file's extents (XFS, btrfs)
@@ -151,10 +152,13 @@ class LayerScans:
                 directory / "layerfs", digest, LayerWhiteouts.read(directory))
         return scan
 
-    def release(self, digest: Digest) -> None:
+    def release(self, digest: Digest) -> bool:
+        """One tree that needed the layer is done; True when no other will need it."""
         self._remaining[digest] -= 1
         if self._remaining[digest] <= 0:
             self._scans.pop(digest, None)
+            return True
+        return False
 
     def prefetch(self) -> None:
         """Read every layer now (so that nothing is read from the repository later)."""
@@ -162,14 +166,32 @@ class LayerScans:
             self.get(digest)
 
 
+@dataclass
+class OpenLayers:
+    """What the trees of a batch share while they are written: open layers (directory
+    descriptors) and whether the file system makes reflinks (asked once)."""
+
+    layers: dict[str, LayerDir] = field(default_factory=dict)
+    reflinks: bool | None = None
+
+    def close(self, hexdigest: str | None = None) -> None:
+        """Close one layer, or all."""
+        for key in [hexdigest] if hexdigest else list(self.layers):
+            layer = self.layers.pop(key, None)
+            if layer is not None:
+                layer.close()
+
+
 class FlatTree:
     """A merged tree; `layer_dirs` says where each source layer is read from, and
     `layer_rels` where it is in the repository (hex digest -> layerfs)."""
 
-    def __init__(self, layer_dirs: dict[str, Path], layer_rels: dict[str, str]) -> None:
+    def __init__(self, layer_dirs: dict[str, Path], layer_rels: dict[str, str],
+                 opened: OpenLayers | None = None) -> None:
         self.root = Node(stat.S_IFDIR | 0o755, children={})
         self.layer_dirs = layer_dirs
         self.layer_rels = layer_rels
+        self.opened = opened
 
     # -- building --------------------------------------------------------------
 
@@ -218,13 +240,16 @@ class FlatTree:
     # -- writing into a directory -----------------------------------------------
 
     def materialize(self, dest: Path) -> None:
-        """Write the tree into the empty directory `dest`: files are hardlinks to the
-        layers' files (copies where the file system refuses)."""
-        writer = _DirectoryWriter(self, dest)
+        """Write the tree into the empty directory `dest`: files are reflink copies or
+        hardlinks of the layers' files (copies where the file system refuses both)."""
+        opened = self.opened or OpenLayers()
+        writer = _DirectoryWriter(self, dest, opened)
         try:
             writer.write()
         finally:
             writer.close()
+            if self.opened is None:
+                opened.close()
 
     # -- writing as a tar ---------------------------------------------------------
 
@@ -283,27 +308,29 @@ def _parts(path: bytes) -> list[bytes]:
 
 
 class _DirectoryWriter:
-    """Writes a FlatTree below `dest` through directory descriptors."""
+    """Writes a FlatTree below `dest`. Entries are made by their path relative to the
+    descriptor of `dest`: the tree is our own, made here, and its only symlinks are
+    leaves (a symlink node has no children), so no name is resolved through one; it
+    saves opening every directory. Layers are read through `securepath`'s door,
+    their directory descriptors shared by all the trees of a batch (`layers`)."""
 
-    def __init__(self, tree: FlatTree, dest: Path) -> None:
+    def __init__(self, tree: FlatTree, dest: Path, opened: OpenLayers) -> None:
         self._tree = tree
         self._dest_fd = os.open(dest, _DIR_FLAGS)
         self._root = os.geteuid() == 0
-        self._layers: dict[str, LayerDir] = {}
+        self._opened = opened
         self._copies: dict[tuple[str, int], bytes] = {}  # (layer, inode) -> our copy
-        self._reflinks: bool | None = None  # does the file system make reflinks?
 
     def close(self) -> None:
-        for layer in self._layers.values():
-            layer.close()
         os.close(self._dest_fd)
 
     def write(self) -> None:
         assert self._tree.root.children is not None
-        self._write_children(self._dest_fd, b"", self._tree.root)
+        self._write_children(b"", self._tree.root)
 
-    def _write_children(self, dir_fd: int, prefix: bytes, directory: Node) -> None:
+    def _write_children(self, prefix: bytes, directory: Node) -> None:
         assert directory.children is not None
+        dest = self._dest_fd
         for name in sorted(directory.children):
             node = directory.children[name]
             rel = prefix + b"/" + name if prefix else name
@@ -311,32 +338,28 @@ class _DirectoryWriter:
             if stat.S_ISDIR(kind):
                 # Root may write anywhere: the final mode at once saves a chmod.
                 mode = stat.S_IMODE(node.st_mode) & 0o777 if self._root else 0o700
-                os.mkdir(name, mode, dir_fd=dir_fd)
-                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    self._write_children(child, rel, node)
-                finally:
-                    os.close(child)
-                self._apply_meta(dir_fd, name, node, created=mode & ~UMASK)
+                os.mkdir(rel, mode, dir_fd=dest)
+                self._write_children(rel, node)
+                self._apply_meta(rel, node, created=mode & ~UMASK)
             elif stat.S_ISREG(kind) and node.layer:
-                if not self._link(dir_fd, name, rel, node):
-                    self._apply_meta(dir_fd, name, node, created=None)
+                if not self._link(dest, rel, rel, node):
+                    self._apply_meta(rel, node, created=None)
             elif stat.S_ISREG(kind):
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                             dir_fd=dir_fd)
+                fd = os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             stat.S_IMODE(node.st_mode), dir_fd=dest)
                 try:
                     _write_all(fd, node.data or b"")
                 finally:
                     os.close(fd)
-                self._apply_meta(dir_fd, name, node, created=0o600 & ~UMASK)
+                self._apply_meta(rel, node, created=stat.S_IMODE(node.st_mode) & ~UMASK)
             elif stat.S_ISLNK(kind):
-                os.symlink(node.target, name, dir_fd=dir_fd)
-                self._apply_meta(dir_fd, name, node, created=None)
+                os.symlink(node.target, rel, dir_fd=dest)
+                self._apply_meta(rel, node, created=None)
             elif stat.S_ISSOCK(kind):
                 continue
             else:
-                os.mknod(name, node.st_mode, node.rdev, dir_fd=dir_fd)
-                self._apply_meta(dir_fd, name, node, created=None)
+                os.mknod(rel, node.st_mode, node.rdev, dir_fd=dest)
+                self._apply_meta(rel, node, created=None)
 
     def _link(self, dir_fd: int, name: bytes, rel: bytes, node: Node) -> bool:
         """The layer's file in the tree: a reflink copy where the file system makes
@@ -350,11 +373,12 @@ class _DirectoryWriter:
             return True
         layer = self._layer(node.layer)
         path = tuple(node.path.split(b"/"))
-        if self._reflinks is not False:
+        if self._opened.reflinks is not False:
             if self._copy(layer, path, dir_fd, name, reflink=True):
+                self._opened.reflinks = True
                 self._remember(key, node, rel)
                 return False
-            self._reflinks = False
+            self._opened.reflinks = False
         parent, source = layer.parent(path, create=False)
         try:
             os.link(source, name, src_dir_fd=parent, dst_dir_fd=dir_fd, follow_symlinks=False)
@@ -403,24 +427,28 @@ class _DirectoryWriter:
         return True
 
     def _layer(self, hexdigest: str) -> LayerDir:
-        layer = self._layers.get(hexdigest)
+        layer = self._opened.layers.get(hexdigest)
         if layer is None:
-            layer = self._layers[hexdigest] = LayerDir(self._tree.layer_dirs[hexdigest])
+            layer = self._opened.layers[hexdigest] = LayerDir(self._tree.layer_dirs[hexdigest])
         return layer
 
-    def _apply_meta(self, dir_fd: int, name: bytes, node: Node, *, created: int | None) -> None:
-        """Owner, mode, xattrs and times; `created`: the mode the entry was made with."""
+    def _apply_meta(self, rel: bytes, node: Node, *, created: int | None) -> None:
+        """Owner, mode, xattrs and times; `created`: the mode the entry was made with.
+        A made-up entry keeps the time it was made at."""
+        dest = self._dest_fd
         if self._root and (node.uid or node.gid):  # root's new entries are root's
-            os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.chown(rel, node.uid, node.gid, dir_fd=dest, follow_symlinks=False)
         if not stat.S_ISLNK(node.st_mode):
             if created is None or stat.S_IMODE(node.st_mode) != created:
-                os.chmod(name, stat.S_IMODE(node.st_mode), dir_fd=dir_fd)
+                os.chmod(rel, stat.S_IMODE(node.st_mode), dir_fd=dest)
             if node.xattrs:
-                proc = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+                proc = b"/proc/self/fd/%d/%s" % (dest, rel)
                 for key, value in node.xattrs.items():
                     with contextlib.suppress(OSError):
                         os.setxattr(proc, key, value, follow_symlinks=False)
-        os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        if node.layer or node.mtime_ns:
+            os.utime(rel, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dest,
+                     follow_symlinks=False)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -430,11 +458,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def build_tree(scans: LayerScans, layers: list[Digest], layer_dir: Callable[[Digest], Path],
-               repo_layout: Layout, extra: Callable[[FlatTree], None]) -> FlatTree:
+               repo_layout: Layout, extra: Callable[[FlatTree], None],
+               opened: OpenLayers | None = None) -> FlatTree:
     """The merged tree of an image whose (non-foreign) layers are `layers`."""
     tree = FlatTree(
         {d.hex: layer_dir(d) / "layerfs" for d in layers},
         {d.hex: f"{repo_layout.layer_rel(d)}/layerfs" for d in layers},
+        opened,
     )
     merge_layers([scans.get(d) for d in layers], tree)
     extra(tree)

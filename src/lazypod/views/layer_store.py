@@ -31,7 +31,7 @@ from typing import Any
 
 from ..backend import TreeWriter
 from ..digest import Digest
-from ..fsutil import listdir
+from ..fsutil import listdir, write_new
 from ..layout import PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
 from ..repository import LayerRecord, LayerWhiteouts, RepositoryState
@@ -107,10 +107,8 @@ def render_layer_store(
 
         def fill(path: Path, target: str = target, info: bytes = info) -> None:
             os.symlink(target, path / "diff")
-            (path / "info").write_bytes(info)
-            (path / "blob").write_bytes(b"")
-            for file in ("info", "blob"):
-                (path / file).chmod(0o644)
+            write_new(path / "info", info)
+            write_new(path / "blob", b"")
 
         writer.replace_dir(f"{prefix}/{name}", fill)
         added += 1

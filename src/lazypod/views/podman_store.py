@@ -36,7 +36,7 @@ from typing import Any
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..errors import LazypodError
-from ..fsutil import listdir, read_or_none
+from ..fsutil import listdir, read_or_none, write_new
 from ..layout import PODMAN_STORE
 from ..manifest import Compression, Descriptor
 from ..reference import parse_reference
@@ -333,12 +333,9 @@ def _ensure_layer_dir(
 
     def fill(path: Path) -> None:
         os.symlink(target, path / "diff")
-        (path / "link").write_text(layer.link)
+        write_new(path / "link", layer.link.encode())
         if lower:
-            (path / "lower").write_text(lower)
-        for name in ("link", "lower"):
-            if (path / name).exists():
-                os.chmod(path / name, 0o644)
+            write_new(path / "lower", lower.encode())
 
     writer.replace_dir(f"{prefix}/overlay/{layer.id}", fill)
     return 1
@@ -359,8 +356,7 @@ def _ensure_big_data(writer: TreeWriter, root: Path, prefix: str, image: StoreIm
 
     def fill(path: Path) -> None:
         for name, data in files.items():
-            (path / name).write_bytes(data)
-            os.chmod(path / name, 0o644)
+            write_new(path / name, data)
 
     writer.replace_dir(f"{prefix}/overlay-images/{image.id}", fill)
 
