@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+[ -x /usr/bin/time ] || apt-get install -y -qq time >/dev/null  # peak memory of each command
 exec .venv/bin/python bench/run.py "$@"
