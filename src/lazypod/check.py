@@ -79,7 +79,7 @@ def check_repository(
                 report.errors.append(f"{name}: layer {blob.digest.short} has diff ID "
                                      f"{record.diff_id}, the config says "
                                      f"{image.config.diff_ids[index]}")
-        link = root / name
+        link = root / image.link
         if link.is_symlink() and not link.resolve().is_dir():
             report.errors.append(f"{name}: public link {os.readlink(link)} is dangling")
 

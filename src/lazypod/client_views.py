@@ -23,6 +23,7 @@ Reruns are incremental: only what changed is written, each change atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from .errors import LazypodError
 from .layout import Layout
 from .manifest import ImageConfig
 from .registry import MAX_CONFIG_SIZE, RegistryClient
-from .repository import ImageRecord, LayerRecord, LayerWhiteouts, RepositoryState
+from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
 from .views.podman_store import StoreReport, render_image_store
 
@@ -148,8 +149,7 @@ def _complete_configs(
                 continue
             writer.write_file(f"{_CONFIG_CACHE}/{digest.hex}.json", raw)
             report.configs_fetched += 1
-        state.images[i] = ImageRecord(image.public_name, image.reference, image.manifest,
-                                      ImageConfig.parse(raw, digest), image.index)
+        state.images[i] = dataclasses.replace(image, config=ImageConfig.parse(raw, digest))
 
 
 def _read_verified(path: Path, digest: Digest) -> bytes | None:

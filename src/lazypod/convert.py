@@ -31,14 +31,16 @@ from .errors import LazypodError
 from .fetch import FetchedLayer, ImageFetcher
 from .fsutil import read_or_none
 from .layout import METADATA
-from .manifest import Platform
+from .manifest import Descriptor, Platform
+from .notify import Notifier, NullNotifier
 from .progress import NullProgress, ProgressReporter
 from .reference import ImageReference
 from .registry import RegistryClient, ResolvedImage
-from .repository import ImageRecord, RepositoryState
+from .repository import ImageNames, ImageRecord, RepositoryState, image_names
 from .views import ViewOptions, ViewsReport, render_views
 
-__all__ = ["ConvertOptions", "Converter", "ImageResult", "RunReport", "expand_wildcards"]
+__all__ = ["ConvertOptions", "Converter", "ImageResult", "Rejected", "RunReport",
+           "expand_wildcards"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,11 @@ class ConvertOptions:
     views: ViewOptions = field(default_factory=ViewOptions)
     workers: int = 4  # layers fetched and unpacked at once
     resolvers: int = 8  # images resolved (manifests checked) at once
-    layer_attempts: int = 3
+    layer_attempts: int = 3  # a layer whose connection breaks off
+    attempts: int = 1  # an image that fails (DUCC's --attempts)
+    convert_again: bool = False  # even images the repository holds as they are
+    overwrite_layers: bool = False  # fetch and unpack layers the repository has
+    skip_layers: bool = False  # images whose layers are missing are skipped
     checkpoint_seconds: float = 30.0
 
 
@@ -57,11 +63,14 @@ class ConvertOptions:
 class ImageResult:
     reference: ImageReference
     error: str | None = None
+    request: str = ""  # the wishlist entry it came from (a wildcard, or itself)
     manifest_digest: Digest | None = None
     layers: int = 0
     fetched_layers: int = 0
     fetched_bytes: int = 0
     up_to_date: bool = False
+    skipped: str | None = None  # why nothing was done, when that is not a failure
+    attempts: int = 0
     seconds: float = 0.0
 
     @property
@@ -69,9 +78,19 @@ class ImageResult:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A wishlist entry that never became an image: it does not parse, or its
+    wildcard's tags could not be listed."""
+
+    request: str
+    error: str
+
+
 @dataclass
 class RunReport:
     images: list[ImageResult] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
     views: ViewsReport | None = None
     publishes: int = 0
     backend: str = ""
@@ -80,7 +99,8 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return all(image.ok for image in self.images) and not self.problems
+        return all(image.ok for image in self.images) and not self.problems and \
+            not self.rejected
 
     @property
     def publishes_label(self) -> str:
@@ -94,28 +114,53 @@ class Converter:
         registry: RegistryClient,
         options: ConvertOptions | None = None,
         progress: ProgressReporter | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._backend = backend
         self._registry = registry
         self._options = options or ConvertOptions()
         self._progress = progress or NullProgress()
+        self._notifier = notifier or NullNotifier()
 
-    def convert(self, references: Iterable[ImageReference]) -> RunReport:
-        report = RunReport(images=[ImageResult(ref) for ref in references])
+    def convert(self, requests: Iterable[ImageReference],
+                rejected: Iterable[Rejected] = ()) -> RunReport:
+        """Convert what `requests` name (wildcards expanded here: an entry whose tags
+        cannot be listed fails alone). `rejected`: entries set aside before (a
+        wishlist's malformed lines), reported with the rest."""
+        report = RunReport(rejected=list(rejected))
+        for ref in requests:
+            try:
+                report.images += [ImageResult(tagged, request=str(ref))
+                                  for tagged in expand_wildcards(self._registry, ref)]
+            except LazypodError as exc:
+                report.rejected.append(Rejected(str(ref), str(exc)))
+        for entry in report.rejected:
+            self._notifier.emit("end_image_conversion", image_request=entry.request,
+                                status="error", error=entry.error)
         started = time.monotonic()
         with self._backend.run() as run:
             state = RepositoryState.load(run.layout)
-            _Pipeline(self._options, run, state, report,
-                      ImageFetcher(self._registry, self._progress,
-                                   platform=self._options.platform,
-                                   layer_attempts=self._options.layer_attempts),
-                      self._progress).run()
-            if any(image.ok for image in report.images):
-                report.views = render_views(state, run, self._options.views)
+            pipeline = _Pipeline(self._options, run, state, report,
+                                 ImageFetcher(self._registry, self._progress,
+                                              platform=self._options.platform,
+                                              layer_attempts=self._options.layer_attempts),
+                                 self._progress, self._notifier)
+            pipeline.run()
+            converted = [image for image in report.images if image.ok and not image.skipped]
+            if converted:
+                views = self._options.views
+                podman = [self._notifier.start("start_podman_ingestion",
+                                               image=image.reference.public_name)
+                          for image in converted] if views.podman_store else []
+                report.views = render_views(state, run, views)
+                for ident, image in zip(podman, converted, strict=False):
+                    self._notifier.end("end_podman_ingestion", ident, with_status=False,
+                                       image=image.reference.public_name)
             run.commit()
             report.publishes = run.publishes
             report.backend = self._backend.name
             report.problems = list(state.problems)
+            pipeline.notify_published(converted)
         report.seconds = time.monotonic() - started
         return report
 
@@ -126,6 +171,7 @@ class _Job:
 
     index: int
     image: ResolvedImage
+    names: ImageNames
     layers: list[Future[FetchedLayer]]
     started: float
 
@@ -136,15 +182,19 @@ class _Pipeline:
     WINDOW = 64
 
     def __init__(self, options: ConvertOptions, run: PublishRun, state: RepositoryState,
-                 report: RunReport, fetcher: ImageFetcher, progress: ProgressReporter) -> None:
+                 report: RunReport, fetcher: ImageFetcher, progress: ProgressReporter,
+                 notifier: Notifier) -> None:
         self._options = options
         self._run = run
         self._state = state
         self._report = report
         self._fetcher = fetcher
         self._progress = progress
+        self._notifier = notifier
         self._layers: dict[Digest, Future[FetchedLayer]] = {}
-        self._committed: set[Digest] = set()
+        self._committed: dict[Digest, str] = {}  # -> the image that brought it
+        self._names: dict[int, ImageNames] = {}
+        self._notes: dict[int, str] = {}  # image -> its start_image_conversion id
         self._done = 0
         self._bytes = 0
         self._started = time.monotonic()
@@ -153,6 +203,7 @@ class _Pipeline:
     def run(self) -> None:
         options = self._options
         todo = collections.deque(range(len(self._report.images)))
+        self._todo = todo
         resolving: dict[Future[tuple[ResolvedImage, bool]], tuple[int, float]] = {}
         jobs: list[_Job] = []
         with ThreadPoolExecutor(options.resolvers, "resolve") as resolvers, \
@@ -161,8 +212,7 @@ class _Pipeline:
                 while todo or resolving or jobs:
                     while todo and len(resolving) + len(jobs) < self.WINDOW:
                         index = todo.popleft()
-                        ref = self._report.images[index].reference
-                        future = resolvers.submit(self._fetcher.resolve, self._run, ref)
+                        future = resolvers.submit(self._resolve, index)
                         resolving[future] = (index, time.monotonic())
                     waiting: list[Future[Any]] = [
                         *resolving, *(f for job in jobs for f in job.layers if not f.done())]
@@ -188,6 +238,20 @@ class _Pipeline:
             finally:
                 self._abort_uncommitted()
 
+    def _resolve(self, index: int) -> tuple[ResolvedImage, bool]:
+        """In a resolver thread: the image's names in the layout, and the image."""
+        result = self._report.images[index]
+        ref = result.reference
+        names = self._names.get(index)
+        if names is None:
+            names = self._names[index] = image_names(self._run.layout, ref)
+            self._notes[index] = self._notifier.start(
+                "start_image_conversion", image=names.metadata,
+                image_request=result.request or str(ref))
+        options = self._options
+        return self._fetcher.resolve(self._run, ref, names.metadata, shortcut=not (
+            options.convert_again or options.overwrite_layers))
+
     def _resolved(self, index: int, started: float,
                   future: Future[tuple[ResolvedImage, bool]],
                   workers: ThreadPoolExecutor) -> _Job | None:
@@ -195,15 +259,15 @@ class _Pipeline:
         try:
             image, stored = future.result()
         except LazypodError as exc:
-            result.error = str(exc)
-            self._count(result, started)
+            self._failed(index, started, exc)
             return None
         result.manifest_digest = image.manifest.digest
         result.layers = len(image.manifest.layers)
         if stored:
             result.up_to_date = True
-            self._count(result, started)
+            self._count(index, started)
             return None
+        names = self._names[index]
         futures = []
         for desc, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=True):
             if desc.is_foreign:
@@ -211,12 +275,32 @@ class _Pipeline:
                 continue
             layer = self._layers.get(desc.digest)
             if layer is None and desc.digest not in self._committed and \
-                    not self._run.has_layer(desc.digest):
+                    (self._options.overwrite_layers or not self._run.has_layer(desc.digest)):
+                if self._options.skip_layers:
+                    result.skipped = (f"layer {desc.digest.short} is not in the repository "
+                                      "and --skip-layers was given")
+                    self._count(index, started)
+                    return None
                 layer = self._layers[desc.digest] = workers.submit(
-                    self._fetcher.fetch_layer, self._run, image.reference, desc, diff_id)
+                    self._fetch_layer, names.metadata, image.reference, desc, diff_id)
             if layer is not None and layer not in futures:
                 futures.append(layer)
-        return _Job(index, image, futures, started)
+        return _Job(index, image, names, futures, started)
+
+    def _fetch_layer(self, name: str, ref: ImageReference, desc: Descriptor,
+                     diff_id: Digest) -> FetchedLayer:
+        """In a layer worker: one layer, between DUCC's notification lines."""
+        ident = self._notifier.start("start_layer_conversion", image=name,
+                                     layer=desc.digest.hex)
+        try:
+            fetched = self._fetcher.fetch_layer(self._run, ref, desc, diff_id)
+        except BaseException as exc:
+            self._notifier.end("end_layer_conversion", ident, error=str(exc) or repr(exc),
+                               image=name, layer=desc.digest.hex, size_bytes=0)
+            raise
+        self._notifier.end("end_layer_conversion", ident, image=name, layer=desc.digest.hex,
+                           size_bytes=fetched.record.diff_size or 0)
+        return fetched
 
     def _finish(self, job: _Job) -> None:
         """Commit the image: its new layers, then its metadata; or fail it whole."""
@@ -227,31 +311,68 @@ class _Pipeline:
             if error is not None:
                 if not isinstance(error, LazypodError):
                     raise error
-                result.error = str(error)
-                self._count(result, job.started)
+                self._failed(job.index, job.started, error)
                 return
             fetched.append(future.result())
+        image, names = job.image, job.names
         for layer in fetched:
             digest = layer.record.digest
             if digest not in self._committed:
                 layer.staged.commit()
                 self._state.put_layer(layer.record)
-                self._committed.add(digest)
+                self._committed[digest] = names.metadata
                 result.fetched_layers += 1
                 result.fetched_bytes += layer.compressed_size
                 self._bytes += layer.compressed_size
-        _write_metadata(self._run, job.image)
-        image = job.image
-        self._state.put_image(ImageRecord(image.reference.public_name, image.reference,
-                                          image.manifest, image.config, image.index))
-        self._count(result, job.started)
+        _write_metadata(self._run, job.image, names.metadata)
+        self._state.put_image(ImageRecord(
+            names.metadata, image.reference, image.manifest, image.config, image.index,
+            names.link if names.link != names.metadata else None))
+        self._count(job.index, job.started)
         log.info("converted %s (%s): %d layers, %d fetched, %.1f MB", image.reference,
                  image.manifest.digest.short, result.layers, result.fetched_layers,
                  result.fetched_bytes / 1e6)
 
-    def _count(self, result: ImageResult, started: float) -> None:
+    def _failed(self, index: int, started: float, error: LazypodError) -> None:
+        """An image failed: tried again while it has attempts left (its failed layers
+        are fetched anew), else reported."""
+        result = self._report.images[index]
+        result.attempts += 1
+        if result.attempts < self._options.attempts:
+            log.warning("%s: %s; trying it again (attempt %d of %d)", result.reference,
+                        error, result.attempts + 1, self._options.attempts)
+            for digest, future in list(self._layers.items()):
+                if future.done() and future.exception() is not None:
+                    del self._layers[digest]
+            self._todo.append(index)
+            return
+        result.error = str(error)
+        self._count(index, started)
+
+    def _count(self, index: int, started: float) -> None:
+        result = self._report.images[index]
         result.seconds = time.monotonic() - started
         self._done += 1
+        name = self._names[index].metadata if index in self._names else str(result.reference)
+        self._notifier.end("end_image_conversion", self._notes.pop(index, ""),
+                           error=result.error, image=name)
+
+    def notify_published(self, converted: list[ImageResult]) -> None:
+        """After the run's commit: DUCC's lines for what is now in the repository."""
+        for digest, name in self._committed.items():
+            self._notifier.emit("publish_layer", image=name, layer_digest=digest.hex)
+        if not self._options.views.flat:
+            return
+        for result in converted:
+            names = self._names.get(self._report.images.index(result))
+            image = self._state.image(names.metadata) if names else None
+            if image is None or image.config is None:
+                continue
+            flat = self._state.layout.flat_rel(image.config.digest)
+            if (self._state.layout.root / image.link).is_symlink():
+                self._notifier.emit("publish_flat_image", public_path=image.link,
+                                    private_path=flat,
+                                    image_request=result.request or str(result.reference))
 
     def _note_progress(self) -> None:
         """A line every 10 s on long runs (for logs; the terminal has bars)."""
@@ -273,10 +394,11 @@ class _Pipeline:
                 future.result().staged.abort()
 
 
-def _write_metadata(run: PublishRun, image: ResolvedImage) -> None:
-    """config.json, index.json, then manifest.json (what readers look for); files
-    that already hold the right bytes are left alone, so a rerun writes nothing."""
-    base = f"{METADATA}/{image.reference.public_name}"
+def _write_metadata(run: PublishRun, image: ResolvedImage, name: str) -> None:
+    """config.json, index.json, then manifest.json (what readers look for) into
+    `.metadata/<name>`; files that already hold the right bytes are left alone, so a
+    rerun writes nothing."""
+    base = f"{METADATA}/{name}"
     wanted = {"config.json": image.config.raw,
               "index.json": image.index.raw if image.index else None,
               "manifest.json": image.manifest.raw}

@@ -68,11 +68,13 @@ class ImageFetcher:
 
     # -- images --------------------------------------------------------------
 
-    def resolve(self, run: PublishRun, ref: ImageReference) -> tuple[ResolvedImage, bool]:
+    def resolve(self, run: PublishRun, ref: ImageReference, name: str, *,
+                shortcut: bool = True) -> tuple[ResolvedImage, bool]:
         """(the image as the registry has it now, whether the repository already holds
-        exactly that). When it does (a HEAD request tells), nothing else is fetched;
-        a config the repository or this run already has is never fetched again."""
-        local = _stored_image(run, ref, self._platform)
+        exactly that under `.metadata/<name>`). When it does (a HEAD request tells),
+        nothing else is fetched (unless `shortcut` is off); a config the repository
+        or this run already has is never fetched again."""
+        local = _stored_image(run, ref, self._platform, name) if shortcut else None
         if local is not None:
             try:
                 current = self._registry.head_digest(ref)
@@ -86,7 +88,7 @@ class ImageFetcher:
         with self._lock:
             config = self._configs.get(manifest.config.digest)
         if config is None:
-            raw = read_or_none(run.layout.image_dir(ref.public_name) / "config.json")
+            raw = read_or_none(run.layout.image_dir(name) / "config.json")
             if raw is not None and Digest.of(raw, manifest.config.digest.algorithm) == \
                     manifest.config.digest:
                 config = ImageConfig.parse(raw, manifest.config.digest)
@@ -95,7 +97,7 @@ class ImageFetcher:
             with self._lock:  # tags that share a config fetch it once
                 self._configs[manifest.config.digest] = config
         image = checked_image(ref, manifest, config, index)
-        return image, _is_stored(run, image)
+        return image, shortcut and _is_stored(run, image, name)
 
     # -- layers --------------------------------------------------------------
 
@@ -171,11 +173,11 @@ class _StoredImage:
     top_digest: Digest  # of index.json when the tag is multi-platform, else manifest.json
 
 
-def _stored_image(run: PublishRun, ref: ImageReference,
-                  platform: Platform | None) -> _StoredImage | None:
+def _stored_image(run: PublishRun, ref: ImageReference, platform: Platform | None,
+                  name: str) -> _StoredImage | None:
     """The image as a previous run stored it, if every part is there and sound (and,
     for a multi-platform tag, the stored platform is the one asked for)."""
-    directory = run.layout.image_dir(ref.public_name)
+    directory = run.layout.image_dir(name)
     raw_manifest = read_or_none(directory / "manifest.json")
     raw_config = read_or_none(directory / "config.json")
     if raw_manifest is None or raw_config is None:
@@ -199,14 +201,14 @@ def _stored_image(run: PublishRun, ref: ImageReference,
         image = checked_image(ref, manifest, config, index)
     except LazypodError:
         return None
-    if not _is_stored(run, image):
+    if not _is_stored(run, image, name):
         return None
     return _StoredImage(image, index.digest if index is not None else manifest.digest)
 
 
-def _is_stored(run: PublishRun, image: ResolvedImage) -> bool:
+def _is_stored(run: PublishRun, image: ResolvedImage, name: str) -> bool:
     """Every part of the image is in the repository, byte for byte."""
-    directory = run.layout.image_dir(image.reference.public_name)
+    directory = run.layout.image_dir(name)
     if read_or_none(directory / "manifest.json") != image.manifest.raw or \
             read_or_none(directory / "config.json") != image.config.raw or \
             read_or_none(directory / "index.json") != (image.index.raw if image.index else None):

@@ -39,19 +39,22 @@ def remove_images(backend: Backend, references: list[ImageReference],
     with backend.run() as run:
         state = RepositoryState.load(run.layout)
         offered = store_names(run.layout)
+        links: list[str] = []
         for ref in references:
-            name = ref.public_name
-            known = state.image(name) is not None or name in state.unreadable or \
+            found = state.find(ref)
+            name = found.public_name if found is not None else ref.public_name
+            known = found is not None or name in state.unreadable or \
                 (run.layout.image_dir(name)).exists() or ref.podman_name in offered
             if not known:
-                raise LazypodError(f"{name} is not in {run.layout.root}: `lazypod ls` lists "
-                                   "what is")
+                raise LazypodError(f"{ref.public_name} is not in {run.layout.root}: "
+                                   "`lazypod ls` lists what is")
             state.drop_image(name)
             removed.append(name)
+            links.append(found.link if found is not None else name)
         render_views(state, run, options or ViewOptions())
-        for name in removed:
-            if (run.layout.root / name).is_symlink():
-                run.remove(name)
+        for name, link in zip(removed, links, strict=True):
+            if (run.layout.root / link).is_symlink():
+                run.remove(link)
             run.remove(f"{METADATA}/{name}")
         run.commit()
     return removed

@@ -9,7 +9,8 @@
       - 'https://gitlab-registry.cern.ch/some/group/image:*'
 
 `output_format` and `user` name DUCC's thin images, which lazypod does not
-push; they are accepted and reported, not used.
+push; they are accepted and reported, not used. An entry that does not parse is
+set aside in `rejected` (DUCC drops it too): one bad line does not stop a wishlist.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Recipe:
     cvmfs_repo: str | None = None
     user: str | None = None
     output_format: str | None = None
+    rejected: tuple[tuple[int, str, str], ...] = ()  # (input number, text, why)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -56,13 +58,15 @@ def load_recipe(path: Path) -> Recipe:
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRecipe(f"recipe {path} needs a non-empty 'input' list of images")
     images = []
+    rejected = []
     for number, item in enumerate(inputs, 1):
         if not isinstance(item, str):
-            raise InvalidRecipe(f"recipe {path}: input #{number} is not a string")
+            rejected.append((number, str(item), "not a string"))
+            continue
         try:
             images.append(parse_reference(item, allow_wildcard=True))
         except InvalidReference as exc:
-            raise InvalidRecipe(f"recipe {path}: input #{number}: {exc}") from None
+            rejected.append((number, item, str(exc)))
     repo = data.get("cvmfs_repo")
     return Recipe(
         path=path,
@@ -71,4 +75,5 @@ def load_recipe(path: Path) -> Recipe:
         cvmfs_repo=str(repo) if repo else None,
         user=str(data["user"]) if data.get("user") else None,
         output_format=str(data["output_format"]) if data.get("output_format") else None,
+        rejected=tuple(rejected),
     )

@@ -122,6 +122,12 @@ def parse_reference(text: str, *, allow_wildcard: bool = False) -> ImageReferenc
                 f"invalid image reference {original!r}: a URL needs registry/repository"
             )
 
+    host_part = text.split("/", 1)[0]
+    if "@" in host_part and "/" in text:
+        # user:password@host/...: never echoed (the message would carry the secret)
+        raise InvalidReference(
+            "invalid image reference: it holds credentials (user:password@ before the "
+            "registry); give them with `podman login` or DUCC_AUTH_REGISTRIES instead")
     name, digest = _split_digest(text, original)
     name, tag = _split_tag(name, original, allow_wildcard)
 

@@ -27,10 +27,12 @@ __all__ = [
     "LAYER_RECORD",
     "TAR_SPLIT",
     "WHITEOUTS",
+    "ImageNames",
     "ImageRecord",
     "LayerRecord",
     "LayerWhiteouts",
     "RepositoryState",
+    "image_names",
     "layer_record_json",
 ]
 
@@ -97,18 +99,72 @@ def layer_record_json(record: LayerRecord) -> bytes:
 
 
 @dataclass(frozen=True)
+class ImageNames:
+    """Where an image lives in the layout: `.metadata/<metadata>` and the public link
+    `<link>`. lazypod names both `registry/repository:tag`, or
+    `registry/repository@sha256:...` for an image pinned by digest alone; DUCC names
+    the latter `registry/repository` (metadata) and `registry/repository:sha256:...`
+    (link), and an image DUCC named its way keeps its names (`image_names`)."""
+
+    metadata: str
+    link: str
+
+
+def image_names(layout: Layout, ref: ImageReference) -> ImageNames:
+    """The names of `ref` in this repository: DUCC's for a digest-only image DUCC
+    already published (its link exists, and its metadata folder is absent or holds
+    that same image), lazypod's otherwise."""
+    if ref.tag is None and ref.digest is not None:
+        base = f"{ref.registry}/{ref.repository}"
+        link = f"{base}:{ref.digest}"
+        target = _link_target(layout.root / link)
+        if target is not None:
+            held = _stored_config_hex(layout.image_dir(base) / "manifest.json")
+            if held is None or target.endswith(f"/{held}"):
+                return ImageNames(base, link)
+    return ImageNames(ref.public_name, ref.public_name)
+
+
+def _link_target(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _stored_config_hex(manifest: Path) -> str | None:
+    """The config digest (hex) a stored manifest names, in either key casing; None
+    when there is no manifest (or no readable one: then nothing is overwritten
+    that could be told apart)."""
+    try:
+        obj = json.loads(manifest.read_bytes())
+        config = obj.get("config") or obj.get("Config") or {}
+        digest = config.get("digest") or config.get("Digest")
+        return str(digest).split(":", 1)[1]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError, IndexError):
+        return "?"  # something is there that is not this image's: do not reuse it
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One directory `.metadata/<name>` holding manifest.json (and config.json)."""
 
-    public_name: str
+    public_name: str  # the metadata folder's name
     reference: ImageReference
     manifest: ImageManifest
     config: ImageConfig | None
     index: ManifestIndex | None = None
+    link_name: str | None = None  # the public link, when not `public_name`
 
     @property
     def podman_name(self) -> str:
         return self.reference.podman_name
+
+    @property
+    def link(self) -> str:
+        return self.link_name or self.public_name
 
 
 @dataclass
@@ -164,6 +220,12 @@ class RepositoryState:
 
     def image(self, public_name: str) -> ImageRecord | None:
         return next((i for i in self.images if i.public_name == public_name), None)
+
+    def find(self, ref: ImageReference) -> ImageRecord | None:
+        """The image `ref` names, whichever tool named it in the layout."""
+        names = image_names(self.layout, ref)
+        return self.image(names.metadata) or next(
+            (i for i in self.images if i.podman_name == ref.podman_name), None)
 
 
 def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
@@ -226,7 +288,7 @@ def _load_image(layout: Layout, rel: str) -> ImageRecord:
     directory = layout.root / METADATA / rel
     raw = (directory / "manifest.json").read_bytes()
     manifest = _parse_stored_manifest(raw)
-    reference = _reference_for(rel, manifest.digest)
+    reference, link = _reference_for(layout, rel, manifest)
     config: ImageConfig | None = None
     with contextlib.suppress(FileNotFoundError):
         config_raw = (directory / "config.json").read_bytes()
@@ -241,7 +303,7 @@ def _load_image(layout: Layout, rel: str) -> ImageRecord:
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
-    return ImageRecord(rel, reference, manifest, config, index)
+    return ImageRecord(rel, reference, manifest, config, index, link)
 
 
 def _parse_stored_manifest(raw: bytes) -> ImageManifest:
@@ -265,9 +327,21 @@ def _lower_keys(value: Any) -> Any:
     return value
 
 
-def _reference_for(rel: str, manifest_digest: Digest) -> ImageReference:
+def _reference_for(layout: Layout, rel: str,
+                   manifest: ImageManifest) -> tuple[ImageReference, str | None]:
+    """The reference a metadata folder stands for, and its link when that is not
+    named like the folder. DUCC names a digest-only image's folder by its repository
+    alone and its link `repository:sha256:...`: the link pointing at this image's
+    flat tree gives the digest (DUCC's manifest.json is re-encoded, its own digest
+    is not the registry's)."""
     last = rel.rsplit("/", 1)[-1]
-    if ":" not in last and "@" not in rel:
-        # DUCC names a digest-only image by its repository alone.
-        return parse_reference(f"{rel}@{manifest_digest}")
-    return parse_reference(rel)
+    if ":" in last or "@" in rel:
+        return parse_reference(rel), None
+    flat = f"/{manifest.config.digest.hex}"
+    parent = (layout.root / rel).parent
+    for name in sorted(listdir(parent)):
+        if name.startswith(f"{last}:sha256:") and \
+                (_link_target(parent / name) or "").endswith(flat):
+            digest = name[len(last) + 1:]
+            return parse_reference(f"{rel}@{digest}"), f"{rel.rsplit('/', 1)[0]}/{name}"
+    return parse_reference(f"{rel}@{manifest.digest}"), None

@@ -62,7 +62,10 @@ class Repo:
         self.mount = Path(self.state["mount"])
 
     def save(self) -> None:
-        (self.base / "state.json").write_text(json.dumps(self.state, indent=1))
+        # Atomic: the tests read the state while a command runs.
+        temp = self.base / f"state.json.{os.getpid()}"
+        temp.write_text(json.dumps(self.state, indent=1))
+        os.replace(temp, self.base / "state.json")
 
     def count(self, what: str) -> int:
         self.state["counts"][what] += 1

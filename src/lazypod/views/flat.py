@@ -168,7 +168,7 @@ def render_flat(
     for image in state.images:
         if image.config is None or state.layout.flat_rel(image.config.digest) not in wanted:
             continue
-        link = image.public_name
+        link = image.link
         depth = link.count("/")
         target = "../" * depth + state.layout.flat_rel(image.config.digest)
         writer.symlink(link, target)
@@ -179,7 +179,7 @@ def render_flat(
 def _why_no_flat(state: RepositoryState, image: ImageRecord) -> str | None:
     if image.config is None:
         return "no config.json"
-    if not image.public_name.split("/", 1)[0] or image.public_name.startswith("."):
+    if not image.link.split("/", 1)[0] or image.link.startswith("."):
         return "its name cannot be a public link"
     for blob in image.manifest.layers:
         if blob.is_foreign:
