@@ -5,8 +5,9 @@ Lookup order (first file that has an entry for the registry wins), as podman doe
 `$REGISTRY_AUTH_FILE`, `${XDG_RUNTIME_DIR}/containers/auth.json`,
 `~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a
 registry (`quay.io`), a registry with a namespace (`quay.io/org`, most specific
-wins) or a URL (`https://index.docker.io/v1/`). Credentials are never logged:
-`Credentials.__repr__` hides the secret.
+wins) or a URL (`https://index.docker.io/v1/`). The registry client asks the
+logins of DUCC_AUTH_REGISTRIES (`ducc_env`) before these files. Credentials are
+never logged: `Credentials.__repr__` hides the secret.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Credentials:
     username: str
     password: str = field(repr=False)
     source: str = ""
+    hint: str = ""
+    """What to do when a registry refuses them (default: `podman login` again)."""
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=***, source={self.source!r})"

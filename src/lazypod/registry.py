@@ -1,8 +1,10 @@
 """A client for the OCI distribution API v2 (what docker.io, quay.io, GitLab and the
 CNCF `registry` serve).
 
-Auth: anonymous, HTTP basic, and the bearer-token challenge flow; credentials come
-from `auth.find_credentials` and never reach a log line (httpx drops the
+Every request follows the image's route (`routes`): DUCC's pull-through proxy, or
+registries.conf mirrors before the origin. Auth: anonymous, HTTP basic, and the
+bearer-token challenge flow; credentials come from DUCC_AUTH_REGISTRIES, then
+`auth.find_credentials`, and never reach a log line (httpx drops the
 Authorization header on cross-origin redirects, so blob redirects to object
 stores do not leak it either). Transient failures (connection drops, 429, 5xx)
 are retried with exponential backoff, honouring Retry-After. Plain HTTP is used
@@ -16,11 +18,9 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import re
 import threading
 import time
-import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +49,9 @@ from .manifest import (
     parse_manifest,
 )
 from .reference import ImageReference
+from .routes import Routes
 
-__all__ = ["RegistryClient", "ResolvedImage", "insecure_registries_from_conf"]
+__all__ = ["RegistryClient", "ResolvedImage"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class RegistryClient:
     """Fetch manifests, configs and blobs; thread-safe (blobs are fetched concurrently).
 
     `insecure`: registries (host[:port]) reached over plain HTTP or unverified TLS.
+    `routes`: proxies, mirrors and DUCC logins (default: every image from its registry).
     `retry_for`: how long transient failures of one request are retried.
     `transport`: an httpx transport to use instead of the network (tests)."""
 
@@ -141,6 +143,7 @@ class RegistryClient:
         self,
         *,
         insecure: Iterable[str] = (),
+        routes: Routes | None = None,
         retry_for: float = 60.0,
         backoff: float = 0.5,
         timeout: float = 60.0,
@@ -148,6 +151,7 @@ class RegistryClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._insecure = set(insecure)
+        self._routes = routes or Routes()
         self._retry_for = retry_for
         self._backoff = backoff
         self._auth_files = list(auth_files) if auth_files is not None else None
@@ -179,10 +183,16 @@ class RegistryClient:
         """The digest the registry gives for the tag (or digest) with a HEAD request,
         which Docker Hub does not count against its pull limit; None when the registry
         gives no `Docker-Content-Digest`."""
-        path = f"/v2/{ref.repository}/manifests/{ref.manifest_ref}"
         headers = {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}
-        with self._stream(ref, "HEAD", path, headers=headers, what=f"manifest of {ref}") as resp:
-            value = resp.headers.get("Docker-Content-Digest")
+
+        def attempt(at: ImageReference, last: bool) -> str | None:
+            path = f"/v2/{at.repository}/manifests/{ref.manifest_ref}"
+            with self._stream(at, "HEAD", path, headers=headers, what=f"manifest of {ref}",
+                              retry=self._retry(f"manifest of {ref}", last)) as resp:
+                found = resp.headers.get("Docker-Content-Digest")
+                return str(found) if found else None
+
+        value = self._routes.follow(ref, attempt)
         try:
             return Digest.parse(value) if value else None
         except LazypodError:
@@ -216,54 +226,72 @@ class RegistryClient:
         return checked_image(ref, manifest, config, index)
 
     def get_manifest(self, ref: ImageReference, reference: str) -> ImageManifest | ManifestIndex:
-        path = f"/v2/{ref.repository}/manifests/{reference}"
+        """The manifest `reference` (a tag or digest) of `ref`'s repository; a digest
+        is verified (an endpoint that fails it is passed over, as any failure)."""
         headers = {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}
-        raw, resp_headers = self._get_bytes(ref, path, headers=headers,
-                                            what=f"manifest of {ref}", limit=MAX_MANIFEST_SIZE)
-        content_type = resp_headers.get("Content-Type")
-        digest = Digest.of(raw)
-        if reference.startswith("sha") and ":" in reference:
-            expected = Digest.parse(reference)
-            digest = Digest.of(raw, expected.algorithm)
-            if digest != expected:
-                raise IntegrityError(
-                    f"manifest {expected} of {ref} does not match its digest: the registry "
-                    "served corrupt content"
-                )
-        return parse_manifest(raw, content_type, digest)
+        what = f"manifest of {ref}"
+
+        def attempt(at: ImageReference, last: bool) -> ImageManifest | ManifestIndex:
+            path = f"/v2/{at.repository}/manifests/{reference}"
+            raw, resp_headers = self._get_bytes(at, path, headers=headers, what=what,
+                                                limit=MAX_MANIFEST_SIZE, last=last)
+            digest = Digest.of(raw)
+            if reference.startswith("sha") and ":" in reference:
+                expected = Digest.parse(reference)
+                digest = Digest.of(raw, expected.algorithm)
+                if digest != expected:
+                    raise IntegrityError(
+                        f"manifest {expected} of {ref} does not match its digest: registry "
+                        f"{at.registry} served corrupt content")
+            return parse_manifest(raw, resp_headers.get("Content-Type"), digest)
+
+        return self._routes.follow(ref, attempt)
 
     def get_blob_bytes(self, ref: ImageReference, desc: Descriptor, limit: int, what: str) -> bytes:
         """A small blob (a config), whole and verified; a drop is retried."""
         if desc.size > limit:
             raise UnsupportedImage(f"{what} {desc.digest} of {ref} is {desc.size} bytes: too big")
-        path = f"/v2/{ref.repository}/blobs/{desc.digest}"
-        raw, _ = self._get_bytes(ref, path, what=f"{what} {desc.digest.short} of {ref}",
-                                 limit=limit)
-        reader = VerifyingReader(_BytesReader(raw), desc.digest, desc.size, what=what)
-        return reader.read(-1) + reader.read(1)
+
+        def attempt(at: ImageReference, last: bool) -> bytes:
+            raw, _ = self._get_bytes(at, f"/v2/{at.repository}/blobs/{desc.digest}",
+                                     what=f"{what} {desc.digest.short} of {ref}", limit=limit,
+                                     last=last)
+            reader = VerifyingReader(_BytesReader(raw), desc.digest, desc.size, what=what)
+            return reader.read(-1) + reader.read(1)
+
+        return self._routes.follow(ref, attempt)
 
     @contextlib.contextmanager
     def open_blob(
         self, ref: ImageReference, desc: Descriptor, what: str = "blob"
     ) -> Iterator[VerifyingReader]:
         """A reader of the blob that raises IntegrityError at end of stream on a digest or
-        size mismatch, and RegistryUnreachable if the connection drops mid-stream."""
-        path = f"/v2/{ref.repository}/blobs/{desc.digest}"
-        with self._stream(ref, "GET", path, what=f"{what} {desc.digest.short} of {ref}") as resp:
+        size mismatch, and RegistryUnreachable if the connection drops mid-stream (the
+        route is followed only until a response starts: a body is never switched)."""
+        label = f"{what} {desc.digest.short} of {ref}"
+        with contextlib.ExitStack() as stack:
+            resp = self._routes.follow(ref, lambda at, last: stack.enter_context(self._stream(
+                at, "GET", f"/v2/{at.repository}/blobs/{desc.digest}", what=label,
+                retry=self._retry(label, last))))
             raw = _ResponseReader(resp, f"{what} {desc.digest} of {ref}")
             yield VerifyingReader(raw, desc.digest, desc.size, what=what)
 
     def list_tags(self, ref: ImageReference) -> list[str]:
-        tags: list[str] = []
-        path: str | None = f"/v2/{ref.repository}/tags/list?n=1000"
-        while path:
-            body, headers = self._get_bytes(ref, path, what=f"tags of {ref}", limit=16 << 20)
-            try:
-                tags.extend(json.loads(body).get("tags") or [])
-            except (ValueError, AttributeError):
-                raise RegistryError(f"registry {ref.registry} sent a malformed tag list") from None
-            path = _next_link(headers.get("Link"))
-        return tags
+        def attempt(at: ImageReference, last: bool) -> list[str]:
+            tags: list[str] = []
+            path: str | None = f"/v2/{at.repository}/tags/list?n=1000"
+            while path:
+                body, headers = self._get_bytes(at, path, what=f"tags of {ref}",
+                                                limit=16 << 20, last=last)
+                try:
+                    tags.extend(json.loads(body).get("tags") or [])
+                except (ValueError, AttributeError):
+                    raise RegistryError(f"registry {at.registry} sent a malformed tag "
+                                        "list") from None
+                path = _next_link(headers.get("Link"))
+            return tags
+
+        return self._routes.follow(ref, attempt)
 
     # ---- transport --------------------------------------------------------
 
@@ -282,19 +310,25 @@ class RegistryClient:
         return ref.registry in self._insecure or ref.api_host in self._insecure
 
     def _creds(self, ref: ImageReference) -> Credentials | None:
-        key = (ref.podman_registry, ref.repository)
+        """DUCC_AUTH_REGISTRIES' login for this endpoint, else podman's and docker's."""
+        key = (ref.registry, ref.repository)
         with self._lock:
             if key not in self._credentials:
-                self._credentials[key] = find_credentials(
+                self._credentials[key] = self._routes.credentials(ref) or find_credentials(
                     ref.podman_registry, ref.repository, self._auth_files
                 )
             return self._credentials[key]
 
+    def _retry(self, what: str, last: bool) -> _Retry:
+        """A request's retry budget: none for an endpoint with another one after it."""
+        return _Retry(self._retry_for if last else 0.0, self._backoff, what)
+
     def _get_bytes(self, ref: ImageReference, path: str, *, what: str, limit: int,
-                   headers: dict[str, str] | None = None) -> tuple[bytes, httpx.Headers]:
+                   headers: dict[str, str] | None = None,
+                   last: bool = True) -> tuple[bytes, httpx.Headers]:
         """A whole (small) response body; a connection that drops mid-body is retried
         within the same budget as any other transient failure."""
-        retry = _Retry(self._retry_for, self._backoff, what)
+        retry = self._retry(what, last)
         while True:
             try:
                 with self._stream(ref, "GET", path, what=what, headers=headers,
@@ -414,8 +448,8 @@ class RegistryClient:
             ) from None
         if resp.status_code in (401, 403):
             hint = (
-                f"the credentials from {creds.source} were rejected: run `podman login "
-                f"{ref.podman_registry}` again"
+                f"the credentials from {creds.source} were rejected: "
+                f"{creds.hint or f'run `podman login {ref.podman_registry}` again'}"
                 if creds
                 else f"a login is needed: run `podman login {ref.podman_registry}`"
             )
@@ -475,10 +509,9 @@ def _http_error(
                 f"{what}: access denied by {ref.registry}; the image may not exist, or it "
                 f"needs a login (`podman login {ref.podman_registry}`)"
             )
-        return AuthenticationFailed(
-            f"{what}: access denied by {ref.registry} with the credentials from "
-            f"{creds.source}; check them with `podman login {ref.podman_registry}`"
-        )
+        fix = creds.hint or f"check them with `podman login {ref.podman_registry}`"
+        return AuthenticationFailed(f"{what}: access denied by {ref.registry} with the "
+                                    f"credentials from {creds.source}; {fix}")
     if status == 429:
         return RegistryError(f"{what}: {ref.registry} keeps rate-limiting us (HTTP 429); "
                              "retry later or log in for a higher limit")
@@ -549,33 +582,3 @@ class _ResponseReader:
             raise _Dropped(f"{self._what}: connection dropped ({exc})") from None
         data, self._buffer = self._buffer[:n], self._buffer[n:]
         return data
-
-
-def insecure_registries_from_conf() -> set[str]:
-    """Registries marked `insecure = true` in podman's registries.conf (v2 and v1 formats)."""
-    env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
-    user_conf = Path.home() / ".config" / "containers" / "registries.conf"
-    if env:
-        files = [Path(env)]
-    elif os.geteuid() != 0 and user_conf.exists():
-        files = [user_conf]
-    else:
-        files = [Path("/etc/containers/registries.conf")]
-    dropin_dir = files[0].parent / "registries.conf.d"
-    if dropin_dir.is_dir():
-        files += sorted(dropin_dir.glob("*.conf"))
-    found: set[str] = set()
-    for path in files:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError):
-            continue
-        for entry in data.get("registry", []) or []:
-            if isinstance(entry, dict) and entry.get("insecure"):
-                loc = str(entry.get("location") or entry.get("prefix") or "")
-                if loc:
-                    found.add(loc.split("/", 1)[0])
-        legacy = (data.get("registries") or {}).get("insecure") or {}
-        found.update(str(r) for r in legacy.get("registries", []) or [])
-    return found
-

@@ -16,6 +16,7 @@ from .images import Image
 
 _ACCESS = re.compile(
     r'^\S+ - \S+ \[[^\]]+\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" (?P<status>\d+)'
+    r'(?: \S+ "[^"]*" "(?P<agent>[^"]*)")?'
 )
 
 
@@ -30,6 +31,7 @@ class Request:
     method: str
     path: str
     status: int
+    user_agent: str = ""
 
     @property
     def is_blob_get(self) -> bool:
@@ -37,9 +39,13 @@ class Request:
 
 
 class Registry:
-    def __init__(self, workdir: Path, *, auth: str = "", storage: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, auth: str = "", storage: Path | None = None,
+                 proxy_of: str | None = None, notifications: str = "") -> None:
         """`auth`: a registry `auth:` section (YAML, indented by two); `storage`: share
-        the blobs and manifests of another registry (to read them with other auth)."""
+        the blobs and manifests of another registry (to read them with other auth);
+        `proxy_of`: host:port of a registry this one is a pull-through cache of (over
+        plain HTTP; such a registry refuses pushes); `notifications`: a `notifications:`
+        section (YAML, indented by two), e.g. endpoints for a webhook."""
         self.workdir = workdir
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -55,6 +61,8 @@ class Registry:
             # Foreign layers name where they live; let manifests carry such URLs.
             "validation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\n"
             + (f"auth:\n{auth}" if auth else "")
+            + (f"proxy:\n  remoteurl: http://{proxy_of}\n" if proxy_of else "")
+            + (f"notifications:\n{notifications}" if notifications else "")
         )
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(["docker-registry", "serve", str(config)],
@@ -122,7 +130,8 @@ class Registry:
         for line in text.splitlines():
             match = _ACCESS.match(line)
             if match:
-                found.append(Request(match["method"], match["path"], int(match["status"])))
+                found.append(Request(match["method"], match["path"], int(match["status"]),
+                                     match["agent"] or ""))
         return found
 
     def blob_gets(self, since: int = 0) -> list[str]:

@@ -22,9 +22,12 @@ import click
 from ..backend import Backend
 from ..backend.cvmfs import CvmfsBackend, CvmfsConfig
 from ..backend.directory import DirectoryBackend
+from ..ducc_env import ducc_registries
 from ..errors import LazypodError
 from ..layout import LAYERS, METADATA, PODMAN_STORE
-from ..registry import RegistryClient, insecure_registries_from_conf
+from ..registry import RegistryClient
+from ..registry_conf import read_registries_conf
+from ..routes import Routes
 from .app import temporary_dir
 
 __all__ = [
@@ -185,8 +188,12 @@ def read_path(repository: str) -> Path:
 
 
 def registry_client(insecure: tuple[str, ...], retry_for: float = 60.0) -> RegistryClient:
-    """The registry client, with podman's registries.conf read once, here."""
-    return RegistryClient(insecure=set(insecure) | insecure_registries_from_conf(),
+    """The registry client, with podman's registries.conf (insecure registries,
+    mirrors) and DUCC's DUCC_AUTH_REGISTRIES (logins, proxies) read once, here: a
+    mistake in either fails any command that talks to a registry, in one line."""
+    conf = read_registries_conf()
+    routes = Routes(ducc_registries(), conf.namespaces)
+    return RegistryClient(insecure=set(insecure) | conf.insecure, routes=routes,
                           retry_for=retry_for)
 
 
