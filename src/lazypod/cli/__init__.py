@@ -3,7 +3,7 @@ its global options and exit statuses)."""
 
 from __future__ import annotations
 
-from . import convert, info, maintain  # noqa: F401  (each registers its commands)
+from . import convert, info, maintain, webhook  # noqa: F401  (each registers its commands)
 from .app import main
 
 __all__ = ["main"]
