@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -107,3 +108,22 @@ def test_loop_picks_up_new_tags(registry, lazypod, repo, tmp_path):
     done = [entry for entry in logs if entry["message"].startswith("loop run")]
     assert len(done) == 3 and all(entry["level"] == "INFO" for entry in done)
     assert os.path.isdir(repo / ".layers")
+
+
+def test_sigterm_stops_the_loop_cleanly(registry, lazypod, repo, tmp_path):
+    """How systemd stops `loop`: exit 0, between runs or in one (the run under way is
+    abandoned as a failed run is: the repository stays as the last run left it)."""
+    name = registry.push("ops/stopped", "v1", image([layer(busybox_entries())], label="stop"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"version: 1\ninput:\n  - 'http://{name}'\n")
+    proc = lazypod.popen("--log-format", "json", "loop", "--interval", "30", str(recipe),
+                         str(repo))
+    deadline = time.monotonic() + 30
+    while not (repo / ".podmanStore").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the first run is done: the loop sleeps until the next
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr and "failed" not in stderr
+    assert lazypod("check", str(repo)).returncode == 0

@@ -128,12 +128,17 @@ class Converter:
         cannot be listed fails alone). `rejected`: entries set aside before (a
         wishlist's malformed lines), reported with the rest."""
         report = RunReport(rejected=list(rejected))
+        seen: set[ImageReference] = set()
         for ref in requests:
             try:
-                report.images += [ImageResult(tagged, request=str(ref))
-                                  for tagged in expand_wildcards(self._registry, ref)]
+                expanded = expand_wildcards(self._registry, ref)
             except LazypodError as exc:
                 report.rejected.append(Rejected(str(ref), str(exc)))
+                continue
+            for tagged in expanded:  # an image a wishlist names twice is converted once
+                if tagged not in seen:
+                    seen.add(tagged)
+                    report.images.append(ImageResult(tagged, request=str(ref)))
         for entry in report.rejected:
             self._notifier.emit("end_image_conversion", image_request=entry.request,
                                 status="error", error=entry.error)

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from .auth import Credentials
+from .errors import RegistryConfigError
 from .reference import ImageReference
-from .registry_conf import RegistryConfigError
 
 __all__ = ["DuccRegistry", "ducc_registries"]
 

@@ -7,6 +7,8 @@ translated into these at one boundary each, never passed through.
     LazypodError
     ├── InvalidReference          an image name that does not parse
     ├── InvalidRecipe             a wishlist that does not parse
+    ├── RegistryConfigError       registries.conf or DUCC_* settings that cannot be used
+    ├── NotificationError         a webhook request that is not a notification we read
     ├── RegistryError             anything a registry answered or failed to answer
     │   ├── RegistryUnreachable   connection refused, DNS, TLS, timeouts after retries
     │   ├── AuthenticationFailed  401/403 with or without credentials
@@ -31,6 +33,8 @@ __all__ = [
     "InvalidReference",
     "LayerError",
     "LazypodError",
+    "NotificationError",
+    "RegistryConfigError",
     "RegistryError",
     "RegistryUnreachable",
     "RepositoryBusy",
@@ -50,6 +54,15 @@ class InvalidReference(LazypodError):
 
 class InvalidRecipe(LazypodError):
     """A DUCC recipe (wishlist) that cannot be used."""
+
+
+class RegistryConfigError(LazypodError):
+    """Registry settings (registries.conf, DUCC's environment variables) that cannot
+    be used as they are."""
+
+
+class NotificationError(LazypodError):
+    """A request body that is not a notification lazypod understands (HTTP 400)."""
 
 
 class RegistryError(LazypodError):

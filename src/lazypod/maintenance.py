@@ -111,8 +111,14 @@ def _unreachable(state: RepositoryState, report: GarbageReport, grace_seconds: f
             continue
         report.layers.append(rel)
     for rel in _flat_dirs(layout.root):
-        if rel not in used_flats:
-            report.flats.append(rel)
+        if rel in used_flats:
+            continue
+        # A flat tree's root carries the image's own time; .singularity.d is made
+        # when the tree is.
+        if now - _mtime(layout.root / rel / ".singularity.d") < grace_seconds:
+            report.kept_in_grace += 1
+            continue
+        report.flats.append(rel)
 
 
 def _mtime(path: os.PathLike[str]) -> float:

@@ -21,23 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LazypodError
+from .errors import RegistryConfigError
 
 __all__ = [
     "Mirror",
     "RegistriesConf",
-    "RegistryConfigError",
     "RegistryNamespace",
     "read_registries_conf",
     "registries_conf_files",
 ]
 
 PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
-
-
-class RegistryConfigError(LazypodError):
-    """Registry settings (registries.conf, DUCC's environment variables) that cannot
-    be used as they are."""
 
 
 @dataclass(frozen=True)

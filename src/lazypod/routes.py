@@ -33,9 +33,9 @@ from typing import TypeVar
 
 from .auth import Credentials
 from .ducc_env import DuccRegistry
-from .errors import InvalidReference, LazypodError, RegistryUnreachable
+from .errors import InvalidReference, LazypodError, RegistryConfigError, RegistryUnreachable
 from .reference import ImageReference, parse_reference
-from .registry_conf import RegistryConfigError, RegistryNamespace
+from .registry_conf import RegistryNamespace
 
 __all__ = ["Routes"]
 

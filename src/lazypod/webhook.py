@@ -44,7 +44,7 @@ from typing import Any, Literal, cast
 from .backend import Backend
 from .convert import Converter, ConvertOptions, ImageResult
 from .digest import Digest
-from .errors import LazypodError, RepositoryBusy
+from .errors import LazypodError, NotificationError, RepositoryBusy
 from .maintenance import GarbageReport, collect_garbage, remove_images
 from .manifest import ACCEPTED_MANIFEST_TYPES
 from .notify import Notifier, NullNotifier
@@ -64,10 +64,6 @@ _HARBOR_TYPES: dict[str, Action] = {
     "harbor.artifact.pushed": "push", "harbor.artifact.deleted": "delete",  # CloudEvents
 }
 _COLLECT_KEY = "\0collect"  # never an image name
-
-
-class NotificationError(LazypodError):
-    """A request body that is not a notification lazypod understands (HTTP 400)."""
 
 
 @dataclass(frozen=True)

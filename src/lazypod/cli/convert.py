@@ -20,6 +20,7 @@ from .app import (
     EXIT_FAILED,
     EXIT_PARTIAL,
     CommandFailed,
+    Terminated,
     ducc_globals,
     main,
     notifier,
@@ -200,19 +201,26 @@ def loop(recipe: Path, repository: str | None, interval: int, max_runs: int | No
     --log-format json when a service manager collects the logs."""
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     runs = 0
-    while max_runs is None or runs < max_runs:
-        started = time.monotonic()
-        runs += 1
-        try:
-            parsed = load_recipe(recipe)
-            run_kwargs = dict(kwargs)
-            target = _recipe_target(parsed, repository, run_kwargs)
-            images, rejected = _recipe_entries(parsed)
-            report = run_conversion(images, target, rejected=rejected, **run_kwargs)
-            log.info("loop run %d done: %d images, %d publishes, %.1fs", runs,
-                     len(report.images), report.publishes, report.seconds)
-        except LazypodError as exc:
-            log.error("loop run %d failed: %s", runs, exc)
-        if max_runs is not None and runs >= max_runs:
-            break
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    try:
+        while max_runs is None or runs < max_runs:
+            started = time.monotonic()
+            runs += 1
+            try:
+                parsed = load_recipe(recipe)
+                run_kwargs = dict(kwargs)
+                target = _recipe_target(parsed, repository, run_kwargs)
+                images, rejected = _recipe_entries(parsed)
+                report = run_conversion(images, target, rejected=rejected, **run_kwargs)
+                log.info("loop run %d done: %d images, %d publishes, %.1fs", runs,
+                         len(report.images), report.publishes, report.seconds)
+            except Terminated:
+                raise
+            except LazypodError as exc:
+                log.error("loop run %d failed: %s", runs, exc)
+            if max_runs is not None and runs >= max_runs:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except Terminated:
+        # How a service manager stops the loop: the run under way was abandoned as
+        # a failed run is (nothing half-written); stopping is not a failure.
+        log.info("loop stopped by SIGTERM after %d run(s)", runs)
