@@ -50,7 +50,7 @@ class ConvertOptions:
     platform: Platform | None = None
     views: ViewOptions = field(default_factory=ViewOptions)
     workers: int = 4  # layers fetched and unpacked at once
-    resolvers: int = 8  # images resolved (manifests checked) at once
+    resolvers: int = 24  # images resolved (manifests checked) at once
     layer_attempts: int = 3  # a layer whose connection breaks off
     attempts: int = 1  # an image that fails (DUCC's --attempts)
     convert_again: bool = False  # even images the repository holds as they are

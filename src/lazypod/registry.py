@@ -92,7 +92,13 @@ class _Transport:
         self.host = host
         self.scheme = scheme
         self.tokens: dict[str, str] = {}  # scope -> Authorization header value
-        self.lock = threading.Lock()  # one token request per scope at a time
+        self.lock = threading.Lock()  # the fields above
+        self._scope_locks: dict[str, threading.Lock] = {}
+
+    def scope_lock(self, scope: str) -> threading.Lock:
+        """One token request per scope at a time; scopes (repositories) in parallel."""
+        with self.lock:
+            return self._scope_locks.setdefault(scope, threading.Lock())
 
 
 class _Retry:
@@ -400,10 +406,13 @@ class RegistryClient:
                        scope: str, stale: str | None) -> None:
         """A token for `scope`, one request at a time: another worker may have got a
         fresh one meanwhile (tokens are shared by every image of a repository)."""
-        with transport.lock:
-            if transport.tokens.get(scope) not in (None, stale):
-                return
-            transport.tokens[scope] = self._authenticate(ref, challenge, scope)
+        with transport.scope_lock(scope):
+            with transport.lock:
+                if transport.tokens.get(scope) not in (None, stale):
+                    return
+            token = self._authenticate(ref, challenge, scope)
+            with transport.lock:
+                transport.tokens[scope] = token
 
     def _scheme(self, transport: _Transport, ref: ImageReference) -> str:
         with transport.lock:
