@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AuthenticationFailed
+from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
 __all__ = ["Credentials", "auth_files", "find_credentials"]
 
@@ -67,7 +68,7 @@ def find_credentials(
         if data is None:
             continue
         helpers = _mapping(data, "credHelpers")
-        helper_registry = "docker.io" if registry in _HUB else registry
+        helper_registry = DOCKER_HUB if registry in DOCKER_HUB_ALIASES else registry
         if helper_registry in helpers:
             return _from_helper(str(helpers[helper_registry]), helper_registry, path)
         auths = _mapping(data, "auths")
@@ -87,9 +88,6 @@ def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_HUB = ("docker.io", "registry.hub.docker.com", "index.docker.io", "registry-1.docker.io")
-
-
 def _from_helper(helper: str, registry: str, source: Path, *,
                  missing_ok: bool = False) -> Credentials | None:
     """Ask a docker credential helper (`docker-credential-<helper> get`), as podman does."""
@@ -97,9 +95,16 @@ def _from_helper(helper: str, registry: str, source: Path, *,
     if shutil.which(program) is None:
         raise AuthenticationFailed(f"{source} names the credential helper {program}, which is "
                                    "not installed")
-    server = "https://index.docker.io/v1/" if registry == "docker.io" else registry
-    proc = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                          timeout=60, check=False)
+    server = "https://index.docker.io/v1/" if registry == DOCKER_HUB else registry
+    try:
+        proc = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+                              timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise AuthenticationFailed(f"credential helper {program} did not answer for "
+                                   f"{registry} within 60 s") from None
+    except OSError as exc:
+        raise AuthenticationFailed(f"credential helper {program} could not be run: "
+                                   f"{exc.strerror or exc}") from None
     if proc.returncode != 0:
         if missing_ok or b"credentials not found" in proc.stdout + proc.stderr:
             return None
@@ -135,16 +140,16 @@ def _normalise_key(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix) :]
     key = key.removesuffix("/v1/").removesuffix("/v2/").rstrip("/")
-    if key in ("index.docker.io/v1", "index.docker.io", "registry-1.docker.io"):
-        key = "docker.io"
+    if key == "index.docker.io/v1" or key in DOCKER_HUB_ALIASES:
+        key = DOCKER_HUB
     return key
 
 
 def _best_entry(
     auths: dict[str, dict[str, str]], registry: str, repository: str
 ) -> tuple[str, dict[str, str]] | None:
-    if registry in ("registry.hub.docker.com", "index.docker.io"):
-        registry = "docker.io"
+    if registry in DOCKER_HUB_ALIASES:
+        registry = DOCKER_HUB
     wanted = f"{registry}/{repository}"
     best: tuple[int, str, dict[str, str]] | None = None
     for key, entry in auths.items():

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 from .digest import Digest
 from .errors import InvalidReference
 
-__all__ = ["DOCKER_HUB", "ImageReference", "parse_reference"]
+__all__ = ["DOCKER_HUB", "DOCKER_HUB_ALIASES", "ImageReference", "parse_reference"]
 
 DOCKER_HUB = "docker.io"
-_HUB_ALIASES = frozenset(
+DOCKER_HUB_ALIASES = frozenset(
     {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 )
 _HUB_API = "registry-1.docker.io"
@@ -51,12 +51,12 @@ class ImageReference:
 
     @property
     def podman_registry(self) -> str:
-        return DOCKER_HUB if self.registry in _HUB_ALIASES else self.registry
+        return DOCKER_HUB if self.registry in DOCKER_HUB_ALIASES else self.registry
 
     @property
     def api_host(self) -> str:
         """host[:port] that serves the distribution API for this registry."""
-        return _HUB_API if self.registry in _HUB_ALIASES else self.registry
+        return _HUB_API if self.registry in DOCKER_HUB_ALIASES else self.registry
 
     @property
     def has_wildcard(self) -> bool:
@@ -134,7 +134,7 @@ def parse_reference(text: str, *, allow_wildcard: bool = False) -> ImageReferenc
     registry, remainder = _split_registry(name, force_registry=scheme is not None)
     if not _HOST_RE.match(registry):
         raise InvalidReference(f"invalid image reference {original!r}: bad registry {registry!r}")
-    if registry in _HUB_ALIASES and "/" not in remainder:
+    if registry in DOCKER_HUB_ALIASES and "/" not in remainder:
         remainder = f"library/{remainder}"
     if registry == "index.docker.io" and scheme is None:
         registry = DOCKER_HUB
