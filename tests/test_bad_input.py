@@ -166,7 +166,7 @@ def test_conversion_killed_mid_layer_is_completed_by_the_next_run(
         proc.kill()
         pytest.fail(f"the conversion never started writing the layer: {proc.communicate()}")
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate(timeout=30)  # reaps it and closes its pipes
 
     # Only temporary files are left; no layer and no image became visible.
     assert not (repo / ".layers" / big.digest[7:9] / big.digest[7:]).exists()
