@@ -11,6 +11,8 @@ token flow, `dir` backend:
 3. `views` from scratch, and a rerun after 10 more images; `ls`, `check`;
 4. peak memory of each command (the kernel's high-water mark);
 5. `podman images` with the repository's store (podman of this machine).
+
+LAZYPOD_BENCH_KEEP=1 keeps the work directory (repository, recipes) for a closer look.
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ def main(images: int = 1000, rtt: float = 0.05, podman_images: bool = True) -> s
                          f"{time.monotonic() - started:.1f} s, {len(out.split())} images", ""))
             podman.reset()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("LAZYPOD_BENCH_KEEP"):
+            print(f"bench: kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     table = "\n".join([
         f"Scale: {images} images of 3 layers (synthetic registry on loopback, 100 "
         f"repositories, Docker Hub's token flow), `dir` backend, {os.cpu_count()} CPUs.",
