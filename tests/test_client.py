@@ -121,6 +121,35 @@ def test_views_rerun_adds_new_images_and_leaves_the_others(registry, lazypod, re
         assert path.lstat().st_ino == inode, path  # untouched
 
 
+def test_views_of_a_selection(registry, lazypod, podman_factory, repo, tmp_path):
+    """`views --select` renders a subset (podman 4 lists a store in time that grows with
+    the square of its size); a rerun with another selection updates the views to it."""
+    names = {}
+    for tag in ("app-1", "app-2", "tool"):
+        names[tag] = registry.push("client/sel", tag, image(
+            [layer(busybox_entries()), layer([Entry("which", data=tag.encode())])],
+            label=f"sel-{tag}"))
+        lazypod.convert(names[tag], repo)
+    into = tmp_path / "views"
+    patterns = tmp_path / "patterns"
+    patterns.write_text("# the applications\n*/client/sel:app-*\n")
+    out = lazypod("views", str(repo), "--into", str(into), "--offline",
+                  "--select-file", str(patterns)).stderr
+    assert "2 images match the selection" in out
+
+    podman = podman_factory("selected", storage_opts=[f"additionalimagestore={into}/store"])
+    listed = podman.text("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    assert sorted(listed) == sorted([names["app-1"], names["app-2"]])
+    assert podman.text("run", "--rm", "--network=none", names["app-2"],
+                       "/bin/cat", "/which") == "app-2"
+
+    lazypod("views", str(repo), "--into", str(into), "--offline", "--select", "*:tool")
+    listed = podman.text("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    assert listed == [names["tool"]]
+    assert lazypod("views", str(repo), "--into", str(into), "--select-file", "/dev/null",
+                   check=False).returncode == 2
+
+
 def lazy_pull_setup(registry, lazypod, repo, tag: str) -> tuple[str, object]:
     base = layer([*busybox_entries(), Entry("etc/base", data=tag.encode())])
     x = image([base, layer([Entry("x", data=b"x")])], label=f"x{tag}")

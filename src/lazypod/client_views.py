@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class ClientViewsReport:
     layer_store: LayerStoreReport | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    selected: int | None = None  # images `select` kept, when given
 
     @property
     def needs_fuse_overlayfs(self) -> bool:
@@ -80,8 +81,11 @@ def build_client_views(
     registry: RegistryClient | None,
     public_root: str | None = None,
     layer_store: bool = True,
+    select: Sequence[str] = (),
 ) -> ClientViewsReport:
-    """Render an image store (`<into>/store`) and a layer store (`<into>/layers`)."""
+    """Render an image store (`<into>/store`) and a layer store (`<into>/layers`);
+    with `select` (shell patterns), of the images whose repository name
+    (`registry/repository:tag`) or podman name one of them matches."""
     started = time.monotonic()
     report = ClientViewsReport()
 
@@ -93,6 +97,9 @@ def build_client_views(
     if not (repository / ".metadata").is_dir():
         raise LazypodError(f"{repository} has no .metadata: not a lazypod or DUCC repository")
     state = RepositoryState.load(layout)
+    if select:
+        state.select(select)
+        report.selected = len(state.images)
     for problem in state.problems:
         warn(problem)
     report.files_read = _count_reads(state)

@@ -8,10 +8,11 @@ is what lets a client build views for a repository it did not write.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,16 @@ class RepositoryState:
     def drop_image(self, public_name: str) -> None:
         self.images = [i for i in self.images if i.public_name != public_name]
         self.unreadable.pop(public_name, None)
+
+    def select(self, patterns: Sequence[str]) -> None:
+        """Keep only the images (and unreadable folders) that a shell pattern matches,
+        by repository name (`registry/repository:tag`) or podman name."""
+        def wanted(*names: str) -> bool:
+            return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+        self.images = [i for i in self.images
+                       if wanted(i.public_name, i.link, i.podman_name)]
+        self.unreadable = {n: why for n, why in self.unreadable.items() if wanted(n)}
 
     def image(self, public_name: str) -> ImageRecord | None:
         return next((i for i in self.images if i.public_name == public_name), None)

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 
@@ -154,22 +154,38 @@ def podman_config(repository: str, mode: str | None, storage_opts: bool, no_laye
               help="Where podman sees the repository, if not at REPOSITORY.")
 @click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
               help="Allow plain HTTP for this registry when fetching configs.")
+@click.option("--select", "patterns", multiple=True, metavar="PATTERN",
+              help="Only the images this shell pattern matches, by repository name "
+                   "(registry/repository:tag) or podman name; repeatable. Reruns with "
+                   "another selection update the views to it.")
+@click.option("--select-file", type=click.File("r", encoding="utf-8"), metavar="FILE",
+              help="Patterns as --select, one per line ('#' starts a comment).")
 @_mode_options
 @ducc_globals
 @runs_cleanly
 def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
-          public_root: str | None, insecure: tuple[str, ...], mode: str | None,
-          storage_opts: bool) -> None:
+          public_root: str | None, insecure: tuple[str, ...], patterns: tuple[str, ...],
+          select_file: TextIO | None, mode: str | None, storage_opts: bool) -> None:
     """Build a podman image store and layer store for REPOSITORY (e.g. one written by
     DUCC, read-only) into a local directory; no root needed, nothing copied. Prints
-    the podman settings that use them."""
+    the podman settings that use them.
+
+    With --select, the views hold a chosen subset: podman 4 lists images in time
+    that grows with the square of the store's size (README, Benchmarks), so a site
+    that runs a few hundred of ten thousand images renders views of those."""
+    selection = [*patterns, *_pattern_lines(select_file)]
+    if (patterns or select_file) and not selection:
+        raise click.UsageError("--select-file holds no pattern")
     registry = None if offline else registry_client(insecure)
     try:
         report = build_client_views(read_path(repository), into, registry=registry,
-                                    public_root=public_root, layer_store=not no_layer_store)
+                                    public_root=public_root, layer_store=not no_layer_store,
+                                    select=selection)
     finally:
         if registry is not None:
             registry.close()
+    if report.selected is not None:
+        click.echo(f"views: {report.selected} images match the selection", err=True)
     click.echo(f"views: {report.images} images in {into}/store; configs: "
                f"{report.configs_local} in the repository, {report.configs_cached} cached, "
                f"{report.configs_fetched} fetched; diff IDs: {report.diff_ids_from_records} "
@@ -182,6 +198,16 @@ def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
     config = PodmanConfig(f"{out}/store", None if no_layer_store else f"{out}/layers",
                           report.needs_fuse_overlayfs)
     _print_config(config, mode, storage_opts)
+
+
+def _pattern_lines(file: TextIO | None) -> list[str]:
+    if file is None:
+        return []
+    try:
+        lines = [line.split("#", 1)[0].strip() for line in file]
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{file.name} is not UTF-8 text ({exc.reason})") from None
+    return [line for line in lines if line]
 
 
 @main.command("ls")
