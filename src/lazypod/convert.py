@@ -1,8 +1,11 @@
-"""The conversion pipeline: references -> registry -> unpacked layers -> metadata -> views.
+"""The conversion pipeline: references -> source -> unpacked layers -> metadata -> views.
 
-One run converts any number of images through one backend run, with the work of
-different images overlapping: images are resolved several at a time (a HEAD
-request tells which are already in the repository: those cost nothing more), and
+Images come from an `ImageSource` (a registry, an OCI layout or archive, podman's
+storage: `lazypod.sources`), of which the pipeline knows nothing else. One run
+converts any number of images through one backend run, with the work of
+different images overlapping: images are resolved several at a time (the source's
+`head_digest`, a registry's HEAD request, tells which are already in the repository:
+those cost nothing more), and
 the layers of every image are fetched by one pool of workers, each layer once
 however many images share it. An image is committed when all its layers are
 unpacked and verified (compressed digest at end of stream, diff ID against the
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import fnmatch
 import logging
 import time
 from collections.abc import Iterable
@@ -35,8 +37,8 @@ from .manifest import Descriptor, Platform
 from .notify import Notifier, NullNotifier
 from .progress import NullProgress, ProgressReporter
 from .reference import ImageReference
-from .registry import RegistryClient, ResolvedImage
 from .repository import ImageNames, ImageRecord, RepositoryState, image_names
+from .sources.base import ImageSource, ResolvedImage
 from .views import ViewOptions, ViewsReport, render_views
 
 __all__ = ["ConvertOptions", "Converter", "ImageResult", "Rejected", "RunReport",
@@ -111,13 +113,13 @@ class Converter:
     def __init__(
         self,
         backend: Backend,
-        registry: RegistryClient,
+        source: ImageSource,
         options: ConvertOptions | None = None,
         progress: ProgressReporter | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self._backend = backend
-        self._registry = registry
+        self._source = source
         self._options = options or ConvertOptions()
         self._progress = progress or NullProgress()
         self._notifier = notifier or NullNotifier()
@@ -131,7 +133,7 @@ class Converter:
         seen: set[ImageReference] = set()
         for ref in requests:
             try:
-                expanded = expand_wildcards(self._registry, ref)
+                expanded = expand_wildcards(self._source, ref)
             except LazypodError as exc:
                 report.rejected.append(Rejected(str(ref), str(exc)))
                 continue
@@ -146,7 +148,7 @@ class Converter:
         with self._backend.run() as run:
             state = RepositoryState.load(run.layout)
             pipeline = _Pipeline(self._options, run, state, report,
-                                 ImageFetcher(self._registry, self._progress,
+                                 ImageFetcher(self._source, self._progress,
                                               platform=self._options.platform,
                                               layer_attempts=self._options.layer_attempts),
                                  self._progress, self._notifier)
@@ -415,10 +417,8 @@ def _write_metadata(run: PublishRun, image: ResolvedImage, name: str) -> None:
             run.write_file(f"{base}/{name}", data)
 
 
-def expand_wildcards(registry: RegistryClient, ref: ImageReference) -> list[ImageReference]:
-    """A reference whose tag has `*` stands for every matching tag of the repository."""
-    if not ref.has_wildcard:
-        return [ref]
-    assert ref.tag is not None
-    tags = sorted(t for t in registry.list_tags(ref) if fnmatch.fnmatchcase(t, ref.tag))
-    return [ref.with_tag(tag) for tag in tags]
+def expand_wildcards(source: ImageSource, ref: ImageReference) -> list[ImageReference]:
+    """The images `ref` stands for, under the names they are published as: a tag with
+    `*` stands for every matching tag of the repository (or ref name of the layout);
+    a layout's only image is named after its ref name annotation."""
+    return source.expand(ref)

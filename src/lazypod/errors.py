@@ -14,6 +14,7 @@ translated into these at one boundary each, never passed through.
     │   ├── AuthenticationFailed  401/403 with or without credentials
     │   ├── ImageNotFound         unknown repository, tag or digest
     │   └── UnsupportedImage      manifest kind, media type or platform we cannot use
+    ├── SourceError               an OCI layout, OCI archive or podman image that cannot be read
     ├── IntegrityError            content does not match its digest or size
     ├── LayerError                a layer tarball that cannot be unpacked
     │   └── UnsafeLayer           a member that would land outside the layer
@@ -39,6 +40,7 @@ __all__ = [
     "RegistryUnreachable",
     "RepositoryBusy",
     "RepositoryError",
+    "SourceError",
     "UnsafeLayer",
     "UnsupportedImage",
 ]
@@ -83,6 +85,12 @@ class ImageNotFound(RegistryError):
 
 class UnsupportedImage(RegistryError):
     """A manifest kind, media type or platform lazypod cannot convert."""
+
+
+class SourceError(LazypodError):
+    """An image source other than a registry (`oci:`, `oci-archive:`,
+    `containers-storage:`) that is missing, is not what its transport says, or does
+    not hold the image asked for."""
 
 
 class IntegrityError(LazypodError):

@@ -34,8 +34,8 @@ from .manifest import (
 )
 from .progress import CountingReader, ProgressReporter
 from .reference import ImageReference
-from .registry import RegistryClient, ResolvedImage, checked_image
 from .repository import LayerRecord, LayerWhiteouts
+from .sources.base import ImageSource, ResolvedImage, checked_image
 from .tarstream import TarReader
 from .unpack import TarSplitWriter, unpack_layer
 
@@ -57,9 +57,9 @@ class FetchedLayer:
 class ImageFetcher:
     """Resolves images and fetches layers for one run (thread-safe)."""
 
-    def __init__(self, registry: RegistryClient, progress: ProgressReporter, *,
+    def __init__(self, source: ImageSource, progress: ProgressReporter, *,
                  platform: Platform | None, layer_attempts: int) -> None:
-        self._registry = registry
+        self._source = source
         self._progress = progress
         self._platform = platform
         self._layer_attempts = layer_attempts
@@ -70,21 +70,22 @@ class ImageFetcher:
 
     def resolve(self, run: PublishRun, ref: ImageReference, name: str, *,
                 shortcut: bool = True) -> tuple[ResolvedImage, bool]:
-        """(the image as the registry has it now, whether the repository already holds
-        exactly that under `.metadata/<name>`). When it does (a HEAD request tells),
-        nothing else is fetched (unless `shortcut` is off); a config the repository
-        or this run already has is never fetched again."""
+        """(the image as its source has it now, whether the repository already holds
+        exactly that under `.metadata/<name>`). When it does (the source's
+        `head_digest` tells: a registry's HEAD request), nothing else is fetched
+        (unless `shortcut` is off); a config the repository or this run already has
+        is never fetched again."""
         local = _stored_image(run, ref, self._platform, name) if shortcut else None
         if local is not None:
             try:
-                current = self._registry.head_digest(ref)
+                current = self._source.head_digest(ref)
             except (ImageNotFound, AuthenticationFailed):
                 raise
             except RegistryError:  # a registry that does not answer HEAD: ask with GET
                 current = None
             if current is not None and current == local.top_digest:
                 return local.image, True
-        index, manifest = self._registry.resolve_manifest(ref, self._platform)
+        index, manifest = self._source.resolve_manifest(ref, self._platform)
         with self._lock:
             config = self._configs.get(manifest.config.digest)
         if config is None:
@@ -93,7 +94,7 @@ class ImageFetcher:
                     manifest.config.digest:
                 config = ImageConfig.parse(raw, manifest.config.digest)
             else:
-                config = self._registry.get_config(ref, manifest)
+                config = self._source.get_config(ref, manifest)
             with self._lock:  # tags that share a config fetch it once
                 self._configs[manifest.config.digest] = config
         image = checked_image(ref, manifest, config, index)
@@ -135,7 +136,7 @@ class ImageFetcher:
     def _unpack(self, ref: ImageReference, desc: Descriptor, diff_id: Digest,
                 staged: StagedLayer, task: int, what: str) -> tuple[LayerRecord, LayerWhiteouts]:
         started = time.monotonic()
-        with self._registry.open_blob(ref, desc, what="layer") as blob:
+        with self._source.open_blob(ref, desc, what="layer") as blob:
             counted = CountingReader(blob, self._progress, task)
             tar = MeasuringReader(open_decompressed(counted, desc.compression, what))
             stats = unpack_layer(
@@ -149,7 +150,7 @@ class ImageFetcher:
         if tar.digest != diff_id:
             raise IntegrityError(
                 f"{what}: uncompressed content has digest {tar.digest}, but the image config "
-                f"says {diff_id}: the registry served a corrupt layer"
+                f"says {diff_id}: the source served a corrupt layer"
             )
         log.debug("%s: %d entries, %.1f MB unpacked in %.2fs", what, stats.entries,
                   tar.size / 1e6, time.monotonic() - started)

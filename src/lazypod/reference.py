@@ -8,6 +8,19 @@ Accepted forms::
     host:5000/a/b:tag@sha256:<hex>           (tag kept as the name, digest pulled and checked)
     https://registry.hub.docker.com/library/ubuntu:latest   (DUCC; http:// means plain HTTP)
 
+and images that are not in a registry, in skopeo's transport syntax (`SourceLocation`)::
+
+    oci:DIR[:REF]            an OCI image layout (skopeo, buildah, podman save --format oci-dir)
+    oci-archive:FILE[:REF]   a tar of one (podman save --format oci-archive)
+    containers-storage:NAME  an image in podman's own storage
+
+Such an image is published under a name derived from the reference alone (see
+`_local_name`): REF when it is a qualified image name, `localhost/REF` when it is
+an unqualified one (podman's name for a local image), `localhost/<DIR or FILE's
+base name>:REF` when it is a bare tag; without REF the layout's only image, named by
+its `org.opencontainers.image.ref.name` annotation by the same rule (the source
+reads it, `ImageSource.expand`), else `localhost/<base name>:latest`.
+
 The registry is kept as written (DUCC writes `registry.hub.docker.com/...` links and
 users rely on them); `podman_name` is the fully qualified name podman stores and
 looks up, with every Docker Hub alias folded into `docker.io`.
@@ -17,11 +30,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path, PurePath
 
 from .digest import Digest
 from .errors import InvalidReference
 
-__all__ = ["DOCKER_HUB", "DOCKER_HUB_ALIASES", "ImageReference", "parse_reference"]
+__all__ = ["DOCKER_HUB", "DOCKER_HUB_ALIASES", "LOCAL_TRANSPORTS", "ImageReference",
+           "SourceLocation", "local_reference", "parse_reference"]
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset(
@@ -37,6 +52,25 @@ _PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _TAG_PATTERN_RE = re.compile(r"^[\w*][\w.*-]{0,127}$")
 _NAME_MAX = 255
+LOCAL_TRANSPORTS = ("oci", "oci-archive", "containers-storage")
+LOCALHOST = "localhost"
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where an image that is not in a registry is read from: `transport:path[:ref]`.
+
+    `path` is the layout directory or archive file (as given), or for
+    containers-storage the image's fully qualified name; `ref` is matched against
+    the layout's `org.opencontainers.image.ref.name` annotations (None: the layout's
+    only image)."""
+
+    transport: str
+    path: str
+    ref: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.path}" + (f":{self.ref}" if self.ref is not None else "")
 
 
 @dataclass(frozen=True)
@@ -48,6 +82,9 @@ class ImageReference:
     tag: str | None = None
     digest: Digest | None = None
     scheme: str | None = None  # "http" or "https" when given in DUCC's URL form
+    # Not a registry image: where it is read from (registry, repository and tag are
+    # then the name it is published under).
+    source: SourceLocation | None = None
 
     @property
     def podman_registry(self) -> str:
@@ -60,6 +97,8 @@ class ImageReference:
 
     @property
     def has_wildcard(self) -> bool:
+        if self.source is not None:
+            return self.source.ref is not None and "*" in self.source.ref
         return self.tag is not None and "*" in self.tag
 
     @property
@@ -89,9 +128,15 @@ class ImageReference:
         return self.tag
 
     def with_tag(self, tag: str) -> ImageReference:
+        """The same image under another tag; for a layout, `tag` is the REF (a tag or
+        a name), and the publish name follows from it."""
+        if self.source is not None:
+            return local_reference(self.source.transport, self.source.path, tag)
         return replace(self, tag=tag)
 
     def __str__(self) -> str:
+        if self.source is not None:
+            return str(self.source)
         text = f"{self.registry}/{self.repository}"
         if self.tag is not None:
             text += f":{self.tag}"
@@ -106,6 +151,9 @@ def parse_reference(text: str, *, allow_wildcard: bool = False) -> ImageReferenc
     text = text.strip()
     if not text:
         raise InvalidReference("empty image reference")
+    transport, colon, rest = text.partition(":")
+    if colon and transport in LOCAL_TRANSPORTS:
+        return _parse_local(transport, rest, original, allow_wildcard)
     scheme: str | None = None
     if text.startswith("docker://"):
         text = text[len("docker://") :]
@@ -188,3 +236,90 @@ def _split_registry(name: str, *, force_registry: bool) -> tuple[str, str]:
     if not sep or not looks_like_host:
         return DOCKER_HUB, name
     return first, rest
+
+
+def local_reference(transport: str, path: str, ref: str | None, *,
+                    allow_wildcard: bool = True) -> ImageReference:
+    """The reference of an image in a layout (`oci`, `oci-archive`) under the name it
+    is published as (module docstring)."""
+    original = str(SourceLocation(transport, path, ref))
+    registry, repository, tag, digest = _local_name(transport, path, ref, original,
+                                                    allow_wildcard)
+    return ImageReference(registry, repository, tag, digest,
+                          source=SourceLocation(transport, path, ref))
+
+
+def _parse_local(transport: str, rest: str, original: str,
+                 allow_wildcard: bool) -> ImageReference:
+    if transport == "containers-storage":
+        if rest.startswith("["):
+            raise InvalidReference(f"invalid image reference {original!r}: a [driver@root] "
+                                   "store is not supported (lazypod asks podman, which "
+                                   "uses its own storage.conf)")
+        if "*" in rest:
+            raise InvalidReference(f"invalid image reference {original!r}: no wildcards in "
+                                   "containers-storage: names")
+        if not rest:
+            raise InvalidReference(f"invalid image reference {original!r}: give the image's "
+                                   "name after containers-storage:")
+        registry, repository, tag, digest = _qualified_locally(rest, original, False)
+        name = ImageReference(registry, repository, tag, digest)
+        return replace(name, source=SourceLocation(transport, str(name)))
+    # As containers/image splits it: the path ends at the first colon.
+    path, colon, ref = rest.partition(":")
+    if not path:
+        raise InvalidReference(f"invalid image reference {original!r}: {transport}: needs a "
+                               f"{'directory' if transport == 'oci' else 'file'} path")
+    if colon and not ref:
+        raise InvalidReference(f"invalid image reference {original!r}: nothing after the "
+                               "second ':' (leave it out for the layout's only image)")
+    return local_reference(transport, path, ref if colon else None,
+                           allow_wildcard=allow_wildcard)
+
+
+def _local_name(transport: str, path: str, ref: str | None, original: str,
+                allow_wildcard: bool) -> tuple[str, str, str | None, Digest | None]:
+    """(registry, repository, tag, digest) of a layout's image in the repository."""
+    if ref is not None and any(c in ref for c in "/:@"):
+        return _qualified_locally(ref, original, allow_wildcard)
+    base = _base_name(transport, path, original)
+    if ref is None:
+        return LOCALHOST, base, "latest", None
+    pattern = _TAG_PATTERN_RE if allow_wildcard else _TAG_RE
+    if not pattern.match(ref):
+        why = " (wildcards only in recipes)" if "*" in ref and not allow_wildcard else ""
+        raise InvalidReference(f"invalid image reference {original!r}: REF {ref!r} is neither "
+                               f"a tag nor an image name{why}")
+    return LOCALHOST, base, ref, None
+
+
+def _qualified_locally(name: str, original: str,
+                       allow_wildcard: bool) -> tuple[str, str, str | None, Digest | None]:
+    """`name` as podman names a local image: qualified names stay, others get
+    `localhost/` (podman's registry for images built or loaded locally)."""
+    if "://" in name:
+        raise InvalidReference(f"invalid image reference {original!r}: {name!r} is a URL, "
+                               "not an image name")
+    first, slash, _ = name.partition("/")
+    qualified = slash and ("." in first or ":" in first or first == LOCALHOST)
+    try:
+        ref = parse_reference(name if qualified else f"{LOCALHOST}/{name}",
+                              allow_wildcard=allow_wildcard)
+    except InvalidReference as exc:
+        raise InvalidReference(f"invalid image reference {original!r}: {exc}") from None
+    return ref.registry, ref.repository, ref.tag, ref.digest
+
+
+def _base_name(transport: str, path: str, original: str) -> str:
+    """A repository name made of the layout directory's or archive's name."""
+    name = PurePath(path).name or Path(path).absolute().name
+    if transport == "oci-archive" and name.lower().endswith(".tar"):
+        name = name[:-4]
+    gentle = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-")
+    if _PATH_COMPONENT_RE.match(gentle):
+        return gentle
+    strict = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if strict:
+        return strict
+    raise InvalidReference(f"invalid image reference {original!r}: cannot name the image "
+                           f"after {path!r}; give its name as REF ({transport}:{path}:NAME)")

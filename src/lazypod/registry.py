@@ -21,9 +21,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -50,39 +50,25 @@ from .manifest import (
 )
 from .reference import ImageReference
 from .routes import Routes
+from .sources.base import (
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
+    ResolvedImage,
+    checked_image,
+    expand_tags,
+)
 
-__all__ = ["RegistryClient", "ResolvedImage"]
+__all__ = ["MAX_CONFIG_SIZE", "RegistryClient", "ResolvedImage", "checked_image"]
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_SIZE = 4 << 20
-MAX_CONFIG_SIZE = 8 << 20
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """One platform's image as the registry serves it, manifest and config verified."""
-
-    reference: ImageReference
-    manifest: ImageManifest
-    config: ImageConfig
-    index: ManifestIndex | None = None
-
-
-def checked_image(ref: ImageReference, manifest: ImageManifest, config: ImageConfig,
-                  index: ManifestIndex | None) -> ResolvedImage:
-    """An image whose config and manifest agree, with layers lazypod can unpack."""
-    if len(config.diff_ids) != len(manifest.layers):
-        raise UnsupportedImage(
-            f"{ref}: the config lists {len(config.diff_ids)} layers but the manifest "
-            f"{len(manifest.layers)}"
-        )
-    for layer in manifest.layers:
-        if not layer.is_foreign:
-            _ = layer.compression  # raise early on layer types we cannot unpack
-    return ResolvedImage(ref, manifest, config, index)
+_T = TypeVar("_T")
+# Everything httpx raises on its own: its HTTPError tree, and the errors outside it
+# that a registry's answer can provoke (a malformed realm or Link URL, a body read
+# twice). Translated where httpx is called, nowhere else.
+_HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError)
 
 
 class _Transport:
@@ -139,6 +125,7 @@ class _Dropped(RegistryUnreachable):
 
 class RegistryClient:
     """Fetch manifests, configs and blobs; thread-safe (blobs are fetched concurrently).
+    The registry's `ImageSource` (`lazypod.sources`).
 
     `insecure`: registries (host[:port]) reached over plain HTTP or unverified TLS.
     `routes`: proxies, mirrors and DUCC logins (default: every image from its registry).
@@ -183,7 +170,10 @@ class RegistryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- public API -------------------------------------------------------
+    # ---- public API (ImageSource) -----------------------------------------
+
+    def expand(self, ref: ImageReference) -> list[ImageReference]:
+        return expand_tags(self, ref)
 
     def head_digest(self, ref: ImageReference) -> Digest | None:
         """The digest the registry gives for the tag (or digest) with a HEAD request,
@@ -198,7 +188,7 @@ class RegistryClient:
                 found = resp.headers.get("Docker-Content-Digest")
                 return str(found) if found else None
 
-        value = self._routes.follow(ref, attempt)
+        value = self._follow(ref, attempt)
         try:
             return Digest.parse(value) if value else None
         except LazypodError:
@@ -251,7 +241,7 @@ class RegistryClient:
                         f"{at.registry} served corrupt content")
             return parse_manifest(raw, resp_headers.get("Content-Type"), digest)
 
-        return self._routes.follow(ref, attempt)
+        return self._follow(ref, attempt)
 
     def get_blob_bytes(self, ref: ImageReference, desc: Descriptor, limit: int, what: str) -> bytes:
         """A small blob (a config), whole and verified; a drop is retried."""
@@ -265,7 +255,7 @@ class RegistryClient:
             reader = VerifyingReader(_BytesReader(raw), desc.digest, desc.size, what=what)
             return reader.read(-1) + reader.read(1)
 
-        return self._routes.follow(ref, attempt)
+        return self._follow(ref, attempt)
 
     @contextlib.contextmanager
     def open_blob(
@@ -276,7 +266,7 @@ class RegistryClient:
         route is followed only until a response starts: a body is never switched)."""
         label = f"{what} {desc.digest.short} of {ref}"
         with contextlib.ExitStack() as stack:
-            resp = self._routes.follow(ref, lambda at, last: stack.enter_context(self._stream(
+            resp = self._follow(ref, lambda at, last: stack.enter_context(self._stream(
                 at, "GET", f"/v2/{at.repository}/blobs/{desc.digest}", what=label,
                 retry=self._retry(label, last))))
             raw = _ResponseReader(resp, f"{what} {desc.digest} of {ref}")
@@ -297,9 +287,17 @@ class RegistryClient:
                 path = _next_link(headers.get("Link"))
             return tags
 
-        return self._routes.follow(ref, attempt)
+        return self._follow(ref, attempt)
 
     # ---- transport --------------------------------------------------------
+
+    def _follow(self, ref: ImageReference,
+                attempt: Callable[[ImageReference, bool], _T]) -> _T:
+        """`attempt` along the image's route (mirrors, proxy, then the origin)."""
+        if ref.source is not None:  # never ask a registry called "localhost" for it
+            raise UnsupportedImage(f"{ref} is not a registry image: this client reads only "
+                                   "registries")
+        return self._routes.follow(ref, attempt)
 
     def _transport(self, ref: ImageReference) -> _Transport:
         host = ref.api_host
@@ -377,7 +375,7 @@ class RegistryClient:
                 retry.wait(unreachable, budget=_CONNECT_BUDGET if isinstance(
                     exc, httpx.ConnectError) else None)
                 continue
-            except httpx.HTTPError as exc:  # redirects, invalid URLs: nothing to retry
+            except _HTTPX_ERRORS as exc:  # redirect loops, invalid URLs: nothing to retry
                 raise RegistryError(f"{what}: {exc}") from None
             try:
                 if resp.status_code == 401 and not authed:
@@ -394,7 +392,7 @@ class RegistryClient:
                 if resp.status_code >= 400:
                     body = b""
                     if method != "HEAD" and resp.status_code != 416:
-                        with contextlib.suppress(httpx.HTTPError):
+                        with contextlib.suppress(*_HTTPX_ERRORS):
                             body = resp.read()[:4096]
                     raise _http_error(ref, resp.status_code, body, what, self._creds(ref))
                 yield resp
@@ -421,7 +419,7 @@ class RegistryClient:
                 try:
                     self._http_noverify.get(f"https://{transport.host}/v2/", timeout=5.0)
                     transport.scheme = "https"
-                except httpx.HTTPError:
+                except _HTTPX_ERRORS:
                     transport.scheme = "http"
                 log.debug("registry %s: using %s", transport.host, transport.scheme)
             return transport.scheme
@@ -451,10 +449,13 @@ class RegistryClient:
         auth = (creds.username, creds.password) if creds and creds.username != "<token>" else None
         try:
             resp = self._http.get(params["realm"], params=query, auth=auth)
-        except httpx.HTTPError as exc:
+        except httpx.TransportError as exc:
             raise RegistryUnreachable(
                 f"token service {params['realm']} of {ref.registry} is unreachable: {exc}"
             ) from None
+        except _HTTPX_ERRORS as exc:
+            raise RegistryError(f"token service {params['realm']!r} of {ref.registry} "
+                                f"cannot be used: {exc}") from None
         if resp.status_code in (401, 403):
             hint = (
                 f"the credentials from {creds.source} were rejected: "
@@ -535,7 +536,7 @@ def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
             data += chunk
             if len(data) > limit:
                 raise UnsupportedImage(f"{what} is larger than {limit} bytes")
-    except httpx.HTTPError as exc:
+    except _HTTPX_ERRORS as exc:
         raise _Dropped(f"{what}: connection dropped ({exc})") from None
     expected = resp.headers.get("Content-Length")
     if expected and expected.isdigit() and int(expected) != len(data):
@@ -587,7 +588,7 @@ class _ResponseReader:
                     self._buffer = chunk
                     break
                 self._buffer += chunk
-        except httpx.HTTPError as exc:
+        except _HTTPX_ERRORS as exc:
             raise _Dropped(f"{self._what}: connection dropped ({exc})") from None
         data, self._buffer = self._buffer[:n], self._buffer[n:]
         return data

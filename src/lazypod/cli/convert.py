@@ -26,7 +26,7 @@ from .app import (
     notifier,
     runs_cleanly,
 )
-from .options import backend_for, publish_options, registry_client, registry_options
+from .options import backend_for, publish_options, registry_options, sources
 
 log = logging.getLogger("lazypod")
 
@@ -68,8 +68,8 @@ def run_conversion(
                           work_dir=work_dir, wait_for_readers=wait_for_readers)
     reporter = make_progress(progress)
     try:
-        with registry_client(insecure, retry_for) as registry:
-            converter = Converter(backend, registry, options, reporter, notifier())
+        with sources(insecure, retry_for) as source:
+            converter = Converter(backend, source, options, reporter, notifier())
             report = converter.convert(references, rejected or [])
     finally:
         reporter.close()

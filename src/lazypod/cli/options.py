@@ -11,9 +11,10 @@ a repository is still taken as one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from ..layout import LAYERS, METADATA, PODMAN_STORE
 from ..registry import RegistryClient
 from ..registry_conf import read_registries_conf
 from ..routes import Routes
+from ..sources import Sources
 from .app import temporary_dir
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "read_path",
     "registry_client",
     "registry_options",
+    "sources",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -195,6 +198,14 @@ def registry_client(insecure: tuple[str, ...], retry_for: float = 60.0) -> Regis
     routes = Routes(ducc_registries(), conf.namespaces)
     return RegistryClient(insecure=set(insecure) | conf.insecure, routes=routes,
                           retry_for=retry_for)
+
+
+@contextlib.contextmanager
+def sources(insecure: tuple[str, ...], retry_for: float = 60.0) -> Iterator[Sources]:
+    """Every image source (registries, OCI layouts and archives, podman's storage)
+    behind one, for the length of a command."""
+    with registry_client(insecure, retry_for) as registry, Sources(registry) as found:
+        yield found
 
 
 _GRACE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
