@@ -37,6 +37,7 @@ from .digest import Digest
 from .errors import LazypodError
 from .layout import Layout
 from .manifest import ImageConfig
+from .overlay import AUFS_PREFIX
 from .registry import MAX_CONFIG_SIZE, RegistryClient
 from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
@@ -210,6 +211,6 @@ def _scan_for_aufs(state: RepositoryState, writer: DirectoryRun, report: ClientV
 
 def _has_aufs_whiteouts(layerfs: Path) -> bool:
     for _dirpath, dirnames, filenames in os.walk(layerfs):
-        if any(name.startswith(".wh.") for name in filenames + dirnames):
+        if any(os.fsencode(name).startswith(AUFS_PREFIX) for name in filenames + dirnames):
             return True
     return False

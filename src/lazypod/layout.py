@@ -17,10 +17,13 @@ from pathlib import Path
 
 from .digest import Digest
 
-__all__ = ["Layout"]
+__all__ = ["LAYER_RECORD", "Layout"]
 
 LAYERS = ".layers"
 METADATA = ".metadata"
+# DUCC's layer record (its presence marks a layer complete); containers/storage names
+# its list of layers (`.podmanStore/overlay-layers/`) the same.
+LAYER_RECORD = "layers.json"
 FLAT = ".flat"
 PODMAN_STORE = ".podmanStore"
 PODMAN_LAYERS = ".podmanLayers"

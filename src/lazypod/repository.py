@@ -20,7 +20,7 @@ from typing import Any
 from .digest import Digest
 from .errors import LazypodError
 from .fsutil import listdir
-from .layout import LAYERS, METADATA, Layout
+from .layout import LAYER_RECORD, LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
 from .reference import ImageReference, parse_reference
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 TAR_SPLIT = "tar-split.json.gz"
 WHITEOUTS = "whiteouts.json"
-LAYER_RECORD = "layers.json"  # DUCC's name; its presence marks a layer complete
 
 
 @dataclass(frozen=True)

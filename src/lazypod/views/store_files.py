@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..layout import PODMAN_STORE, Layout
+from ..layout import LAYER_RECORD, PODMAN_STORE, Layout
 
 __all__ = ["IMAGES_JSON", "IMAGES_LOCK", "LAYERS_JSON", "LAYERS_LOCK", "StoreFiles",
            "read_store", "store_names"]
 
 IMAGES_JSON = "overlay-images/images.json"
-LAYERS_JSON = "overlay-layers/layers.json"
+LAYERS_JSON = f"overlay-layers/{LAYER_RECORD}"
 IMAGES_LOCK = "overlay-images/images.lock"
 LAYERS_LOCK = "overlay-layers/layers.lock"
 
