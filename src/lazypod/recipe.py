@@ -8,6 +8,10 @@
       - 'https://registry.hub.docker.com/library/fedora:latest'
       - 'https://gitlab-registry.cern.ch/some/group/image:*'
 
+Entries may name images outside registries as the command line does
+(`oci:DIR[:REF]`, `oci-archive:FILE[:REF]`, `containers-storage:NAME`); a relative
+DIR or FILE is relative to the recipe's directory, not to wherever cron runs lazypod.
+
 `output_format` and `user` name DUCC's thin images, which lazypod does not
 push; they are accepted and reported, not used. An entry that does not parse is
 set aside in `rejected` (DUCC drops it too): one bad line does not stop a wishlist.
@@ -21,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidRecipe, InvalidReference
-from .reference import ImageReference, parse_reference
+from .reference import ImageReference, local_reference, parse_reference
 
 __all__ = ["Recipe", "load_recipe"]
 
@@ -64,7 +68,7 @@ def load_recipe(path: Path) -> Recipe:
             rejected.append((number, str(item), "not a string"))
             continue
         try:
-            images.append(parse_reference(item, allow_wildcard=True))
+            images.append(_beside(path, parse_reference(item, allow_wildcard=True)))
         except InvalidReference as exc:
             rejected.append((number, item, str(exc)))
     repo = data.get("cvmfs_repo")
@@ -77,3 +81,13 @@ def load_recipe(path: Path) -> Recipe:
         output_format=str(data["output_format"]) if data.get("output_format") else None,
         rejected=tuple(rejected),
     )
+
+
+def _beside(recipe: Path, ref: ImageReference) -> ImageReference:
+    """A layout or archive named by a relative path, found beside the recipe."""
+    location = ref.source
+    if location is None or location.transport not in ("oci", "oci-archive") or \
+            Path(location.path).is_absolute():
+        return ref
+    return local_reference(location.transport, str(recipe.parent / location.path),
+                           location.ref)

@@ -265,3 +265,69 @@ def export_oci_layout(img: Image, directory: Path, tag: str) -> None:
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     }))
+
+
+# -- OCI layouts and archives, as skopeo and podman save write them --------------------
+
+@dataclass
+class LayoutEntry:
+    """One descriptor of a layout's index.json: an image, or an index of images."""
+
+    image: Image | None = None
+    ref_name: str | None = None
+    platform: tuple[str, str] | None = None  # (os, architecture) in index.json itself
+    children: list[tuple[Image, str, str, str | None]] = field(default_factory=list)
+
+
+def write_oci_layout(directory: Path, entries: list[LayoutEntry]) -> Path:
+    """An OCI layout holding `entries` (an entry with `children` is a nested index)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    def put_image(img: Image) -> None:
+        for blob in [img.config, *img.layers]:
+            put(blob.data)
+        put(img.manifest)
+
+    manifests = []
+    for entry in entries:
+        if entry.children:
+            for child, *_ in entry.children:
+                put_image(child)
+            raw = index(entry.children)
+            media_type = "application/vnd.oci.image.index.v1+json"
+        else:
+            assert entry.image is not None
+            put_image(entry.image)
+            raw = entry.image.manifest
+            media_type = json.loads(raw)["mediaType"]
+        desc: dict[str, object] = {"mediaType": media_type, "digest": put(raw),
+                                   "size": len(raw)}
+        if entry.ref_name is not None:
+            desc["annotations"] = {"org.opencontainers.image.ref.name": entry.ref_name}
+        if entry.platform is not None:
+            desc["platform"] = {"os": entry.platform[0], "architecture": entry.platform[1]}
+        manifests.append(desc)
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2,
+                                                      "manifests": manifests}))
+    return directory
+
+
+def archive_oci_layout(directory: Path, archive: Path,
+                       extra: list[tarfile.TarInfo] | None = None) -> Path:
+    """A tar of the layout in `directory` (as podman save --format oci-archive writes
+    it), with `extra` members (hostile ones) added at the end."""
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+        for info in extra or []:
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    return archive
