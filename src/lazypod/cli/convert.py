@@ -1,4 +1,5 @@
-"""convert-single-image, convert and loop: images from registries into a repository."""
+"""convert-single-image, convert and loop: images from registries, OCI layouts and
+archives, or podman's storage into a repository."""
 
 from __future__ import annotations
 
@@ -148,7 +149,10 @@ def _recipe_entries(recipe: Recipe) -> tuple[list[ImageReference], list[Rejected
 @runs_cleanly
 def convert_single_image(image: str, repository: str, **kwargs: Any) -> None:
     """Convert IMAGE (e.g. docker.io/library/debian:bookworm, or with a wildcard tag,
-    `repo:v1.*`) into REPOSITORY.
+    `repo:v1.*`) into REPOSITORY. IMAGE may also be an OCI layout or archive
+    (`oci:DIR[:REF]`, `oci-archive:FILE[:REF]`, e.g. from `podman save`) or an image
+    of podman's storage (`containers-storage:NAME`); `lazypod check-image-syntax
+    --help` says which name such an image is published under.
 
     REPOSITORY is the name of a CVMFS repository this machine publishes (e.g.
     unpacked.cern.ch: the cvmfs backend), or a directory path (created if missing).
@@ -169,7 +173,9 @@ def convert_single_image(image: str, repository: str, **kwargs: Any) -> None:
 def convert(recipe: Path, repository: str | None, **kwargs: Any) -> None:
     """Convert every image of a DUCC RECIPE (wishlist, YAML) into REPOSITORY.
 
-    Tags may be wildcards (`image:*`, `image:v1.*`). Without REPOSITORY, the
+    Tags may be wildcards (`image:*`, `image:v1.*`). Entries may name OCI layouts,
+    archives and podman's storage as IMAGE of convert-single-image does (a relative
+    path is relative to the recipe). Without REPOSITORY, the
     recipe's cvmfs_repo is used, with the cvmfs backend. An entry that cannot be
     parsed or whose tags cannot be listed fails alone: the others are converted,
     and the exit status is 3.

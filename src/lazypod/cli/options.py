@@ -70,7 +70,7 @@ def publish_options(func: F) -> F:
                         help="Fetch and unpack every layer again, even those the repository "
                              "has (repairs a layer damaged on disk).")(func)
     func = click.option("-g", "--convert-again", is_flag=True,
-                        help="Convert images the repository already holds as the registry "
+                        help="Convert images the repository already holds as their source "
                              "has them (their metadata and views are rewritten).")(func)
     func = click.option("-d", "--skip-layers", is_flag=True,
                         help="Fetch no layers: only images whose layers the repository has "
