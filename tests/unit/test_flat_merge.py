@@ -161,3 +161,42 @@ def test_images_sharing_layers_get_one_tree_each(tmp_path: Path) -> None:
     assert not (flat_two / "etc/os").exists() and not (flat_two / "one").exists()
     # The base layer was fetched once for both images.
     assert len([p for p in registry.blob_gets() if base.digest in p]) == 1
+
+
+def test_a_ducc_repositorys_whiteouts_in_every_form(tmp_path: Path) -> None:
+    # DUCC ingested layers as tarballs: AUFS whiteouts and opaque markers are plain
+    # files in its layers; older tools marked opaque directories with an xattr.
+    # Converting such an image again reuses those layers as they are.
+    from support.ducc import write_ducc_repository
+
+    lower = layer([
+        Entry("a/", "dir"), Entry("a/keep", data=b"keep"), Entry("a/gone", data=b"gone"),
+        Entry("d/", "dir"), Entry("d/old", data=b"old"), Entry("d/sub/", "dir"),
+        Entry("d/sub/deep", data=b"deep"),
+        Entry("m/", "dir"), Entry("m/lower", data=b"below an xattr-marked directory"),
+    ])
+    upper = layer([
+        Entry("a/", "dir"), Entry("a/.wh.gone"),
+        Entry("d/", "dir"), Entry("d/.wh..wh..opq"), Entry("d/new", data=b"new"),
+        Entry("m/", "dir"), Entry("m/upper", data=b"upper"),
+    ])
+    img = image([lower, upper])
+    registry = FakeRegistry()
+    name = registry.push("library/ducc", "1", img)
+    root = tmp_path / "repo"
+    write_ducc_repository(root, name, img, records_for={0, 1})
+    hexpart = upper.digest.split(":", 1)[1]
+    marked = root / ".layers" / hexpart[:2] / hexpart / "layerfs/m"
+    try:
+        os.setxattr(marked, "user.overlay.opaque", b"y")
+    except OSError:
+        pytest.skip("the file system of the temporary directory has no user xattrs")
+    assert (marked.parent / "a/.wh.gone").is_file()  # as DUCC left it
+
+    convert(registry, root, name)
+    assert not any(blob.digest in path for blob in (lower, upper)
+                   for path in registry.blob_gets())
+    flat = (root / "registry.test/library/ducc:1").resolve()
+    assert tree(flat / "a") == {"keep": "file:keep"}
+    assert tree(flat / "d") == {"new": "file:new"}
+    assert tree(flat / "m") == {"upper": "file:upper"}
