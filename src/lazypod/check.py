@@ -25,7 +25,7 @@ import fastcrc
 
 from .errors import LazypodError
 from .fsutil import read_or_none
-from .layout import PODMAN_LAYERS, PODMAN_STORE, STAGING, Layout
+from .layout import LAYERFS, METADATA, PODMAN_LAYERS, PODMAN_STORE, STAGING, Layout
 from .repository import TAR_SPLIT, LayerRecord, RepositoryState
 from .securepath import LayerDir, clean_member_name, display
 from .views.podman_store import big_data_file_name, build_store_model
@@ -221,13 +221,13 @@ def _check_layer_store(root: Path, public: str, report: CheckReport) -> None:
 
 def verify_layer(layer_dir: Path, record: LayerRecord) -> str | None:
     """Rebuild the layer's tarball from its tar-split; None if it hashes to the diff ID."""
-    split = layer_dir / ".metadata" / TAR_SPLIT
+    split = layer_dir / METADATA / TAR_SPLIT
     if not split.is_file():
         return "no tar-split (written by another tool): cannot verify the bytes"
     assert record.diff_id is not None
     digest = hashlib.new(record.diff_id.algorithm)
     size = 0
-    files = LayerDir(layer_dir / "layerfs")
+    files = LayerDir(layer_dir / LAYERFS)
     try:
         with gzip.open(split, "rb") as lines:
             for line in lines:

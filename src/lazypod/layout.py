@@ -21,6 +21,7 @@ __all__ = ["LAYER_RECORD", "Layout"]
 
 LAYERS = ".layers"
 METADATA = ".metadata"
+LAYERFS = "layerfs"  # a layer's unpacked content, beside its METADATA
 # DUCC's layer record (its presence marks a layer complete); containers/storage names
 # its list of layers (`.podmanStore/overlay-layers/`) the same.
 LAYER_RECORD = "layers.json"
@@ -45,7 +46,7 @@ class Layout:
         return self.root / self.layer_rel(digest)
 
     def layerfs(self, digest: Digest) -> Path:
-        return self.layer_dir(digest) / "layerfs"
+        return self.layer_dir(digest) / LAYERFS
 
     def layer_metadata(self, digest: Digest) -> Path:
         return self.layer_dir(digest) / METADATA

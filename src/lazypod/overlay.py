@@ -29,25 +29,40 @@ __all__ = [
     "AUFS_PREFIX",
     "OPAQUE_XATTRS",
     "RESERVED_XATTR_PREFIXES",
+    "TRUSTED_OVERLAY",
+    "USER_FUSE_OVERLAYFS",
+    "USER_OVERLAY",
     "add_whiteouts",
     "is_whiteout",
+    "make_whiteout",
     "unmark_opaque",
 ]
 
 AUFS_PREFIX = b".wh."
 AUFS_OPAQUE = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."
-# Opaque markers, which readers honour and a normal run removes from lazypod's own
-# layers (older versions wrote the first two).
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+# Where each overlay implementation keeps its xattrs: rootful kernel overlayfs; rootless
+# kernel overlayfs (`userxattr`); fuse-overlayfs run by a user.
+TRUSTED_OVERLAY = "trusted.overlay."
+USER_OVERLAY = "user.overlay."
+USER_FUSE_OVERLAYFS = "user.fuseoverlayfs."
 # Xattrs that steer an overlay implementation: a layer must not bring its own, and
 # copies of layer files (flat trees) leave them out.
-RESERVED_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+RESERVED_XATTR_PREFIXES = (TRUSTED_OVERLAY, USER_OVERLAY, USER_FUSE_OVERLAYFS)
+# Opaque markers, which readers honour and a normal run removes from lazypod's own
+# layers (older versions wrote the first two).
+OPAQUE_XATTRS = tuple(prefix + "opaque" for prefix in RESERVED_XATTR_PREFIXES)
 
 
 def is_whiteout(st: os.stat_result) -> bool:
     """An overlay whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_whiteout(dir_fd: int, name: bytes) -> None:
+    """Make an overlay whiteout named `name` in an open directory (any user may: the
+    kernel lets everyone make a 0/0 character device, and no other)."""
+    os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
 
 
 def add_whiteouts(layerfs: Path, paths: list[bytes]) -> None:
@@ -57,7 +72,7 @@ def add_whiteouts(layerfs: Path, paths: list[bytes]) -> None:
         for path in paths:
             parent, name = layer.parent(tuple(path.split(b"/")), create=False)
             with contextlib.suppress(FileExistsError):
-                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
+                make_whiteout(parent, name)
     finally:
         layer.close()
 

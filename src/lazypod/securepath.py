@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import LayerError, UnsafeLayer
+from .fseval import At, FsEval, process_fs
 
 __all__ = ["LayerDir", "LayerEntry", "SafePath", "clean_member_name", "display", "walk_layer"]
 
@@ -68,13 +69,15 @@ def clean_member_name(unsafe_name: bytes) -> SafePath:
 
 
 class LayerDir:
-    """An open layer directory; resolves cleaned names without following symlinks."""
+    """An open layer directory; resolves cleaned names without following symlinks.
+    `fs` owns the parents it makes (the process's by default)."""
 
-    def __init__(self, path: Path, *, create_mode: int = 0o755) -> None:
+    def __init__(self, path: Path, *, create_mode: int = 0o755,
+                 fs: FsEval | None = None) -> None:
         self.path = path
         self.fd = os.open(path, _DIR_FLAGS)
         self._create_mode = create_mode
-        self._is_root = os.geteuid() == 0
+        self._fs = fs
         self._cache: OrderedDict[SafePath, int] = OrderedDict()
 
     def close(self) -> None:
@@ -129,8 +132,9 @@ class LayerDir:
             if not create:
                 raise
             os.mkdir(name, self._create_mode, dir_fd=parent)
-            if self._is_root:
-                os.chown(name, 0, 0, dir_fd=parent, follow_symlinks=False)
+            if self._fs is None:
+                self._fs = process_fs()
+            self._fs.chown(At(parent, name), 0, 0)
             return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):

@@ -34,8 +34,14 @@ from typing import IO, Protocol
 import fastcrc
 
 from .errors import BackendError, LayerError, UnsafeLayer
-from .fsutil import UMASK
-from .overlay import AUFS_META_PREFIX, AUFS_OPAQUE, AUFS_PREFIX, RESERVED_XATTR_PREFIXES
+from .fseval import At, FsEval, Meta, Warn, process_fs
+from .overlay import (
+    AUFS_META_PREFIX,
+    AUFS_OPAQUE,
+    AUFS_PREFIX,
+    RESERVED_XATTR_PREFIXES,
+    make_whiteout,
+)
 from .securepath import LayerDir, SafePath, clean_member_name, display
 from .tarstream import MemberType, TarMember, TarReader
 
@@ -49,16 +55,6 @@ __all__ = [
 ]
 
 ROOT_MODE = 0o555
-
-
-@dataclass(frozen=True)
-class Meta:
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    atime_ns: int
-    xattrs: dict[str, bytes]
 
 
 class LayerSink(Protocol):
@@ -145,6 +141,9 @@ def unpack_layer(
             _dispatch(member, chunks, sink, judge, stats, warn)
         except OSError as exc:
             raise _os_error(exc, member.unsafe_name) from None
+        except ValueError as exc:  # a NUL byte where a system call takes a C string
+            raise LayerError(f"layer member {display(member.unsafe_name)!r} cannot be "
+                             f"written: {exc}") from None
         for _ in chunks:  # payload the sink did not want (whiteouts, dump dirs)
             pass
         if tar_split is not None:
@@ -315,13 +314,15 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 
 
 class DirectorySink:
-    """Writes a layer into a directory on a local (or any POSIX) file system."""
+    """Writes a layer into a directory on a local (or any POSIX) file system; what
+    depends on privilege is `fs`'s (the process's by default)."""
 
-    def __init__(self, root: Path, *, warn: Callable[[str], None] = lambda message: None) -> None:
-        self._dir = LayerDir(root)
-        self._same_owner = os.geteuid() == 0
+    def __init__(self, root: Path, *, fs: FsEval | None = None,
+                 warn: Warn = lambda message: None) -> None:
+        self._fs = fs if fs is not None else process_fs()
+        self._dir = LayerDir(root, fs=self._fs)
         # Directory metadata waits until every child exists; with it, the mode the
-        # directory got when it was made (None: it existed already).
+        # directory was made with (None: it existed already).
         self._deferred: dict[SafePath, tuple[Meta, int | None]] = {}
         self._warn = warn
 
@@ -332,8 +333,8 @@ class DirectorySink:
         parent, name = self._dir.parent(path)
         # Root may write into any directory: give it its final mode at once, which
         # usually saves a chmod (fewer system calls per entry is what speed is made of).
-        mode = meta.mode & 0o777 if self._same_owner else 0o700
-        created: int | None = mode & ~UMASK
+        mode = self._fs.new_dir_mode(meta.mode)
+        created: int | None = mode
         try:
             os.mkdir(name, mode, dir_fd=parent)
         except FileExistsError:
@@ -349,7 +350,7 @@ class DirectorySink:
         parent, name = self._dir.parent(path)
         # Made with its final permissions (the staging directory is root's alone), so
         # that most files need no chmod; a new file of root's needs no chown.
-        mode = meta.mode & 0o777 if self._same_owner else 0o600
+        mode = self._fs.new_file_mode(meta.mode)
         try:
             fd = os.open(name, _FILE_FLAGS, mode, dir_fd=parent)
         except FileExistsError:
@@ -360,7 +361,8 @@ class DirectorySink:
                 while chunk:
                     written = os.write(fd, chunk)
                     chunk = chunk[written:]
-            self._set_meta_fd(fd, meta, path, created=mode & ~UMASK)
+            self._fs.apply_meta(At(fd), meta, display(path), ours=True, created=mode,
+                                warn=self._warn)
         finally:
             os.close(fd)
 
@@ -372,7 +374,8 @@ class DirectorySink:
         except FileExistsError:
             self._clear(path, parent, name)
             os.symlink(target, name, dir_fd=parent)
-        self._set_meta_at(parent, name, meta, path, chmod=False)
+        self._fs.apply_meta(At(parent, name), meta, display(path), ours=True, created=None,
+                            symlink=True, warn=self._warn)
 
     def hardlink(self, path: SafePath, target: SafePath, meta: Meta) -> None:
         self._dir.trim()
@@ -388,27 +391,30 @@ class DirectorySink:
                     follow_symlinks=False)
         # As podman does, the link's own header sets owner, mode and times of the shared
         # inode (a link to a symlink keeps only the owner).
-        is_symlink = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-        if is_symlink:
-            if self._same_owner:
-                os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        at = At(parent, name)
+        if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            self._fs.chown(at, meta.uid, meta.gid)
         else:
-            self._set_meta_at(parent, name, meta, path, chmod=True)
+            self._fs.apply_meta(at, meta, display(path), ours=False, created=None,
+                                warn=self._warn)
 
     def device(self, path: SafePath, meta: Meta, kind: str, major: int, minor: int) -> None:
+        at = self._replace(path)
         kind_bits = stat.S_IFCHR if kind == MemberType.CHAR else stat.S_IFBLK
-        self._mknod(path, meta, kind_bits | meta.mode, os.makedev(major, minor))
+        self._fs.make_device(at, kind_bits | meta.mode, os.makedev(major, minor), display(path))
+        self._fs.apply_meta(at, meta, display(path), ours=True, created=None, warn=self._warn)
 
     def fifo(self, path: SafePath, meta: Meta) -> None:
-        self._mknod(path, meta, stat.S_IFIFO | meta.mode, 0)
+        at = self._replace(path)
+        assert at.name is not None
+        os.mknod(at.name, stat.S_IFIFO | meta.mode, dir_fd=at.fd)
+        self._fs.apply_meta(at, meta, display(path), ours=True, created=None, warn=self._warn)
 
     def whiteout(self, path: SafePath, meta: Meta) -> None:
-        self._dir.trim()
-        parent, name = self._dir.parent(path)
-        self._remove_if_present(path, parent, name)
-        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
-        if self._same_owner:
-            os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        at = self._replace(path)
+        assert at.name is not None
+        make_whiteout(at.fd, at.name)
+        self._fs.chown(at, meta.uid, meta.gid)
 
     def opaque(self, path: SafePath) -> None:
         self._dir.trim()
@@ -418,72 +424,26 @@ class DirectorySink:
         for path, (meta, created) in self._deferred.items():
             self._dir.trim()
             parent, name = self._dir.parent(path, create=False)
-            if self._same_owner and (meta.uid or meta.gid):
-                os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-            if created is None or meta.mode != created:
-                os.chmod(name, meta.mode, dir_fd=parent)  # a directory: no symlink
-            for key, value in meta.xattrs.items():
-                self._setxattr(self._dir.proc_path(parent, name), key, value, path)
-            os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent,
-                     follow_symlinks=False)
+            # Ours if made here (else made as a parent by the door, root's as well).
+            self._fs.apply_meta(At(parent, name), meta, display(path), ours=True,
+                                created=created, warn=self._warn)
         # The layer root as containers/storage makes every layer's: 0555, root's.
-        if self._same_owner:
-            os.chown(self._dir.fd_path, 0, 0)
-        os.chmod(self._dir.fd_path, ROOT_MODE)
+        root = At(self._dir.fd, b".")
+        self._fs.chown(root, 0, 0)
+        self._fs.chmod(root, ROOT_MODE)
         self._dir.close()
 
     def abandon(self) -> None:
         self._dir.close()
 
-
     # -- helpers -------------------------------------------------------------
 
-    def _mknod(self, path: SafePath, meta: Meta, mode: int, device: int) -> None:
+    def _replace(self, path: SafePath) -> At:
+        """Where a node goes, whatever was there before removed."""
         self._dir.trim()
         parent, name = self._dir.parent(path)
         self._remove_if_present(path, parent, name)
-        try:
-            os.mknod(name, mode, device, dir_fd=parent)
-        except PermissionError:
-            raise LayerError(f"cannot create device node {display(path)!r}: unpacking device "
-                             "nodes needs root") from None
-        self._set_meta_at(parent, name, meta, path, chmod=True)
-
-    def _set_meta_fd(self, fd: int, meta: Meta, path: SafePath, *, created: int) -> None:
-        """`created`: the mode the file got when it was made."""
-        if self._same_owner and (meta.uid or meta.gid):  # a new file is root's already
-            os.fchown(fd, meta.uid, meta.gid)
-        if meta.mode != created:  # after chown, which clears setuid/setgid
-            os.fchmod(fd, meta.mode)
-        for key, value in meta.xattrs.items():
-            self._setxattr(fd, key, value, path)
-        os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
-
-    def _set_meta_at(
-        self, parent: int, name: bytes, meta: Meta, path: SafePath, *, chmod: bool
-    ) -> None:
-        if self._same_owner:
-            os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
-        if chmod:  # the node was just made by us and is not a symlink
-            os.chmod(name, meta.mode, dir_fd=parent)
-        if meta.xattrs:
-            proc = self._dir.proc_path(parent, name)
-            for key, value in meta.xattrs.items():
-                self._setxattr(proc, key, value, path)
-        os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
-
-    def _setxattr(self, target: int | bytes, key: str, value: bytes, path: SafePath) -> None:
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError as exc:
-            # As containers/storage does: a file system or node kind without support for
-            # this xattr namespace (user.* on symlinks, say) is a warning, not a failure.
-            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                raise
-            self._warn(f"xattr {key} of {display(path)!r} not kept: {exc.strerror}")
+        return At(parent, name)
 
     def _remove_if_present(self, path: SafePath, parent: int, name: bytes) -> None:
         try:

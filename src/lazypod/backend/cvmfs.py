@@ -45,8 +45,9 @@ from pathlib import Path
 
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy
+from ..fseval import FsEval, process_fs
 from ..fsutil import make_dirs, remove_tree
-from ..layout import FLAT, LAYERS, Layout
+from ..layout import FLAT, LAYERFS, LAYERS, METADATA, Layout
 from ..overlay import unmark_opaque
 from ..repository import (
     LAYER_RECORD,
@@ -130,7 +131,7 @@ class CvmfsBackend:
             staging.mkdir(mode=0o700)
             server = self.server(staging)
             self._check_health(server)
-            run = CvmfsRun(self, server, staging)
+            run = CvmfsRun(self, server, staging, process_fs())
             try:
                 yield run
             except BaseException:
@@ -192,12 +193,15 @@ Member = tuple[tarfile.TarInfo, TarContent]
 
 
 class CvmfsRun:
-    """One run's writes into a CVMFS repository: one ingest and one transaction."""
+    """One run's writes into a CVMFS repository: one ingest and one transaction. `fs`:
+    what depends on privilege, for the layers it unpacks and the xattrs it sets."""
 
     checkpoints = False  # a settle costs publishes
 
-    def __init__(self, backend: CvmfsBackend, server: CvmfsServer, staging: Path) -> None:
+    def __init__(self, backend: CvmfsBackend, server: CvmfsServer, staging: Path,
+                 fs: FsEval) -> None:
         self._config = backend.config
+        self._fs = fs
         self.layout = backend.layout
         self._client = Layout(backend.config.client_view)
         self.public_root = backend.public_root
@@ -255,7 +259,7 @@ class CvmfsRun:
 
     def stage_layer(self, digest: Digest) -> CvmfsStagedLayer:
         local = self._staging / f"{digest.hex}-{secrets.token_hex(4)}"
-        return CvmfsStagedLayer(self, digest, local)
+        return CvmfsStagedLayer(self, digest, local, self._fs)
 
     def layer_dir(self, digest: Digest) -> Path:
         pending = self._pending.get(digest)
@@ -269,7 +273,7 @@ class CvmfsRun:
     def settle(self) -> None:
         pending, self._pending = self._pending, {}
         parts, self._ingest_parts = self._ingest_parts, []
-        plans = [LayerPlan.make(layer.digest, layer.path / "layerfs")
+        plans = [LayerPlan.make(layer.digest, layer.path / LAYERFS)
                  for layer in pending.values()]
         if plans or parts:
             if self._in_transaction:  # a second round: its ingest needs the first published
@@ -278,11 +282,12 @@ class CvmfsRun:
             # A layer whose content an interrupted run published without its record
             # (an ingest is all or nothing) is the same content: ingest merges into it.
             self._server.ingest("/", chain(self._skeleton(plans), *(
-                plan.members(f"{self.layout.layer_rel(plan.digest)}/layerfs")
+                plan.members(f"{self.layout.layer_rel(plan.digest)}/{LAYERFS}")
                 for plan in plans), *parts))
         for plan in plans:
             if plan.needs_transaction:
-                self._tx(functools.partial(plan.write_xattrs, self.layout.layerfs(plan.digest)))
+                self._tx(functools.partial(plan.write_xattrs, self.layout.layerfs(plan.digest),
+                                           self._fs))
         for layer in pending.values():
             self._tx(functools.partial(self._write_records, layer))
         actions = self._after_ingest + self._waiting
@@ -315,11 +320,11 @@ class CvmfsRun:
             yield from directory(FLAT, catalog=False)
             yield from directory(rel.rsplit("/", 1)[0], catalog=True)
             yield from directory(rel, catalog=True)
-            yield from directory(f"{rel}/.metadata", catalog=False)
+            yield from directory(f"{rel}/{METADATA}", catalog=False)
 
     def _write_records(self, layer: CvmfsStagedLayer) -> None:
         meta = self.layout.layer_metadata(layer.digest)
-        local = layer.path / ".metadata"
+        local = layer.path / METADATA
         shutil.copyfile(local / TAR_SPLIT, meta / TAR_SPLIT)
         os.chmod(meta / TAR_SPLIT, 0o644)
         _write_bytes(meta / WHITEOUTS, (local / WHITEOUTS).read_bytes())
@@ -391,7 +396,7 @@ class CvmfsRun:
 
     def add_whiteouts(self, layer: Digest, paths: list[bytes]) -> None:
         """Whiteouts only come through ingest: they go with the run's one ingest."""
-        prefix = f"{self.layout.layer_rel(layer)}/layerfs/"
+        prefix = f"{self.layout.layer_rel(layer)}/{LAYERFS}/"
         members: list[Member] = []
         for path in paths:
             info = tarfile.TarInfo(prefix + os.fsdecode(path))
@@ -417,8 +422,8 @@ class CvmfsRun:
 class CvmfsStagedLayer(LocalLayer):
     """Unpacked into the local work directory; published when the run settles."""
 
-    def __init__(self, run: CvmfsRun, digest: Digest, local: Path) -> None:
-        super().__init__(digest, local)
+    def __init__(self, run: CvmfsRun, digest: Digest, local: Path, fs: FsEval) -> None:
+        super().__init__(digest, local, fs=fs)
         self._run = run
 
     def commit(self) -> None:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..digest import Digest
+from ..fseval import At, FsEval, process_fs
 from ..overlay import is_whiteout
-from ..securepath import LayerDir, LayerEntry, walk_layer
+from ..securepath import LayerDir, LayerEntry, display, walk_layer
 from .cvmfs_server import TarContent
 
 __all__ = ["LayerPlan"]
@@ -66,23 +67,25 @@ class LayerPlan:
 
     # -- in the transaction -------------------------------------------------------
 
-    def write_xattrs(self, dest: Path) -> None:
+    def write_xattrs(self, dest: Path, fs: FsEval | None = None) -> None:
         """Into the layer's layerfs in the server view, which ingest made: the xattrs
         of every entry that has some, then the times of the directories holding them
-        (the copy-up may have changed them)."""
-        target = LayerDir(dest)
+        (the copy-up may have changed them). Every xattr must land: a failure raises."""
+        fs = fs or process_fs()
+        target = LayerDir(dest, fs=fs)
         touched: dict[bytes, LayerEntry] = {}
         directories = {entry.path: entry for entry in self.entries
                        if stat.S_ISDIR(entry.st.st_mode)}
         try:
             for entry in self.entries:
                 if entry.xattrs and not is_whiteout(entry.st):
-                    _set_xattrs(target, entry)
+                    fs.set_xattrs(_at(target, entry), entry.xattrs, display(entry.path),
+                                  warn=None)
                     if entry.path:
                         parent = entry.path.rpartition(b"/")[0]
                         touched[parent] = directories[parent]
             for entry in touched.values():
-                _set_times(target, entry)
+                fs.set_times(_at(target, entry), entry.st.st_atime_ns, entry.st.st_mtime_ns)
         finally:
             target.close()
 
@@ -129,20 +132,8 @@ def _parts(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/"))
 
 
-def _target(layer: LayerDir, entry: LayerEntry) -> tuple[bytes | str, bool]:
-    """A path for calls without dir_fd, and whether the magic link must be followed."""
+def _at(layer: LayerDir, entry: LayerEntry) -> At:
     if not entry.path:
-        return layer.fd_path, True
+        return At(layer.fd, b".")
     parent, name = layer.parent(_parts(entry.path), create=False)
-    return layer.proc_path(parent, name), False
-
-
-def _set_xattrs(target: LayerDir, entry: LayerEntry) -> None:
-    path, follow = _target(target, entry)
-    for key, value in entry.xattrs.items():
-        os.setxattr(path, key, value, follow_symlinks=follow)
-
-
-def _set_times(target: LayerDir, entry: LayerEntry) -> None:
-    path, follow = _target(target, entry)
-    os.utime(path, ns=(entry.st.st_atime_ns, entry.st.st_mtime_ns), follow_symlinks=follow)
+    return At(parent, name)

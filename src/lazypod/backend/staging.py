@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -12,7 +13,10 @@ from typing import IO, Any, cast
 from isal import igzip
 
 from ..digest import Digest
-from ..fsutil import UMASK, write_new
+from ..errors import BackendError
+from ..fseval import FsEval
+from ..fsutil import write_new
+from ..layout import LAYERFS, METADATA
 from ..repository import (
     LAYER_RECORD,
     TAR_SPLIT,
@@ -33,18 +37,19 @@ PENDING_RECORD = LAYER_RECORD + ".pending"
 
 class LocalLayer:
     """`<path>/layerfs/` (the unpacked layer) and `<path>/.metadata/` (tar-split,
-    whiteouts.json, and the record waiting as layers.json.pending)."""
+    whiteouts.json, and the record waiting as layers.json.pending). `fs`: what
+    depends on privilege (the process's by default)."""
 
-    def __init__(self, digest: Digest, path: Path) -> None:
+    def __init__(self, digest: Digest, path: Path, *, fs: FsEval | None = None) -> None:
         self.digest = digest
         self.path = path
-        for directory in (path, path / "layerfs", path / ".metadata"):
+        for directory in (path, path / LAYERFS, path / METADATA):
             directory.mkdir(mode=0o755, parents=directory == path)
-            if UMASK & 0o755:
-                os.chmod(directory, 0o755)
-        self.sink = DirectorySink(path / "layerfs", warn=lambda m: log.warning("%s", m))
+            os.chmod(directory, 0o755)
+        self.sink = DirectorySink(path / LAYERFS, fs=fs,
+                                  warn=lambda m: log.warning("%s", m))
         self._tar_split_file = open(  # noqa: SIM115 (closed by seal or abort)
-            os.open(path / ".metadata" / TAR_SPLIT,
+            os.open(path / METADATA / TAR_SPLIT,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), "wb")
         # No name and no time in the gzip header: the bytes depend on the content only.
         writer: Any = igzip.GzipFile(  # type: ignore[no-untyped-call]
@@ -53,13 +58,19 @@ class LocalLayer:
 
     def seal(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:
         """The layer is unpacked and verified: close the tar-split, write the records."""
-        self.tar_split.close()
-        self._tar_split_file.close()
-        meta = self.path / ".metadata"
-        write_new(meta / WHITEOUTS, whiteouts.to_json())
-        write_new(meta / PENDING_RECORD, layer_record_json(record))
-        if UMASK & 0o644:
+        meta = self.path / METADATA
+        try:
+            self.tar_split.close()
+            self._tar_split_file.close()
+            write_new(meta / WHITEOUTS, whiteouts.to_json())
+            write_new(meta / PENDING_RECORD, layer_record_json(record))
             os.chmod(meta / TAR_SPLIT, 0o644)
+        except OSError as exc:  # the caller names the image and the layer
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BackendError("no space left on device while writing the layer's "
+                                   "records: free space and rerun") from None
+            raise BackendError(f"cannot write the layer's records in {meta}: "
+                               f"{exc.strerror or exc}") from None
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

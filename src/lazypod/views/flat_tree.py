@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..digest import Digest
-from ..fsutil import UMASK
-from ..layout import Layout
+from ..fseval import At, FsEval, Meta, process_fs
+from ..layout import LAYERFS, Layout
 from ..overlay import (
     AUFS_META_PREFIX,
     AUFS_OPAQUE,
@@ -149,7 +149,7 @@ class LayerScans:
         if scan is None:
             directory = self._layer_dir(digest)
             scan = self._scans[digest] = scan_layer(
-                directory / "layerfs", digest, LayerWhiteouts.read(directory))
+                directory / LAYERFS, digest, LayerWhiteouts.read(directory))
         return scan
 
     def release(self, digest: Digest) -> bool:
@@ -169,10 +169,12 @@ class LayerScans:
 @dataclass
 class OpenLayers:
     """What the trees of a batch share while they are written: open layers (directory
-    descriptors) and whether the file system makes reflinks (asked once)."""
+    descriptors), whether the file system makes reflinks (asked once), and what
+    depends on privilege (`fs`, the process's by default)."""
 
     layers: dict[str, LayerDir] = field(default_factory=dict)
     reflinks: bool | None = None
+    fs: FsEval = field(default_factory=process_fs)
 
     def close(self, hexdigest: str | None = None) -> None:
         """Close one layer, or all."""
@@ -317,7 +319,7 @@ class _DirectoryWriter:
     def __init__(self, tree: FlatTree, dest: Path, opened: OpenLayers) -> None:
         self._tree = tree
         self._dest_fd = os.open(dest, _DIR_FLAGS)
-        self._root = os.geteuid() == 0
+        self._fs = opened.fs
         self._opened = opened
         self._copies: dict[tuple[str, int], bytes] = {}  # (layer, inode) -> our copy
 
@@ -337,10 +339,10 @@ class _DirectoryWriter:
             kind = stat.S_IFMT(node.st_mode)
             if stat.S_ISDIR(kind):
                 # Root may write anywhere: the final mode at once saves a chmod.
-                mode = stat.S_IMODE(node.st_mode) & 0o777 if self._root else 0o700
+                mode = self._fs.new_dir_mode(stat.S_IMODE(node.st_mode))
                 os.mkdir(rel, mode, dir_fd=dest)
                 self._write_children(rel, node)
-                self._apply_meta(rel, node, created=mode & ~UMASK)
+                self._apply_meta(rel, node, created=mode)
             elif stat.S_ISREG(kind) and node.layer:
                 if not self._link(dest, rel, rel, node):
                     self._apply_meta(rel, node, created=None)
@@ -351,14 +353,18 @@ class _DirectoryWriter:
                     _write_all(fd, node.data or b"")
                 finally:
                     os.close(fd)
-                self._apply_meta(rel, node, created=stat.S_IMODE(node.st_mode) & ~UMASK)
+                self._apply_meta(rel, node, created=stat.S_IMODE(node.st_mode))
             elif stat.S_ISLNK(kind):
                 os.symlink(node.target, rel, dir_fd=dest)
                 self._apply_meta(rel, node, created=None)
             elif stat.S_ISSOCK(kind):
                 continue
+            elif stat.S_ISFIFO(kind):
+                os.mknod(rel, node.st_mode, dir_fd=dest)
+                self._apply_meta(rel, node, created=None)
             else:
-                os.mknod(rel, node.st_mode, node.rdev, dir_fd=dest)
+                self._fs.make_device(At(dest, rel), node.st_mode, node.rdev,
+                                     os.fsdecode(rel))
                 self._apply_meta(rel, node, created=None)
 
     def _link(self, dir_fd: int, name: bytes, rel: bytes, node: Node) -> bool:
@@ -433,22 +439,19 @@ class _DirectoryWriter:
         return layer
 
     def _apply_meta(self, rel: bytes, node: Node, *, created: int | None) -> None:
-        """Owner, mode, xattrs and times; `created`: the mode the entry was made with.
-        A made-up entry keeps the time it was made at."""
-        dest = self._dest_fd
-        if self._root and (node.uid or node.gid):  # root's new entries are root's
-            os.chown(rel, node.uid, node.gid, dir_fd=dest, follow_symlinks=False)
-        if not stat.S_ISLNK(node.st_mode):
-            if created is None or stat.S_IMODE(node.st_mode) != created:
-                os.chmod(rel, stat.S_IMODE(node.st_mode), dir_fd=dest)
-            if node.xattrs:
-                proc = b"/proc/self/fd/%d/%s" % (dest, rel)
-                for key, value in node.xattrs.items():
-                    with contextlib.suppress(OSError):
-                        os.setxattr(proc, key, value, follow_symlinks=False)
-        if node.layer or node.mtime_ns:
-            os.utime(rel, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dest,
-                     follow_symlinks=False)
+        """Owner, mode, xattrs and times of an entry just made; `created`: the mode it
+        was made with. A made-up entry keeps the time it was made at. Xattrs the file
+        system or this user cannot keep are left out, as a copy of the layer's files
+        leaves them out."""
+        meta = Meta(stat.S_IMODE(node.st_mode), node.uid, node.gid, node.mtime_ns,
+                    node.mtime_ns, node.xattrs)
+        self._fs.apply_meta(At(self._dest_fd, rel), meta, os.fsdecode(rel), ours=True,
+                            created=created, symlink=stat.S_ISLNK(node.st_mode),
+                            times=bool(node.layer or node.mtime_ns), warn=_ignore)
+
+
+def _ignore(message: str) -> None:
+    pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -462,8 +465,8 @@ def build_tree(scans: LayerScans, layers: list[Digest], layer_dir: Callable[[Dig
                opened: OpenLayers | None = None) -> FlatTree:
     """The merged tree of an image whose (non-foreign) layers are `layers`."""
     tree = FlatTree(
-        {d.hex: layer_dir(d) / "layerfs" for d in layers},
-        {d.hex: f"{repo_layout.layer_rel(d)}/layerfs" for d in layers},
+        {d.hex: layer_dir(d) / LAYERFS for d in layers},
+        {d.hex: f"{repo_layout.layer_rel(d)}/{LAYERFS}" for d in layers},
         opened,
     )
     merge_layers([scans.get(d) for d in layers], tree)

@@ -32,7 +32,7 @@ from typing import Any
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..fsutil import listdir, write_new
-from ..layout import PODMAN_LAYERS
+from ..layout import LAYERFS, PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
 from ..repository import LayerRecord, LayerWhiteouts, RepositoryState
 
@@ -93,7 +93,7 @@ def render_layer_store(
     added = 0
     for digest, (record, blob) in wanted.items():
         name = f"sha256:{digest.hex}"
-        target = f"{public}/{state.layout.layer_rel(digest)}/layerfs"
+        target = f"{public}/{state.layout.layer_rel(digest)}/{LAYERFS}"
         info = layer_info(record, blob)
         directory = root / name
         try:

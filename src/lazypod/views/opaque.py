@@ -29,7 +29,7 @@ from pathlib import Path
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..errors import LazypodError
-from ..layout import METADATA
+from ..layout import LAYERFS, METADATA
 from ..overlay import OPAQUE_XATTRS
 from ..repository import LayerWhiteouts, RepositoryState
 from ..securepath import LayerDir
@@ -154,7 +154,7 @@ def _migrate(state: RepositoryState, writer: TreeWriter, digest: Digest,
     the backend orders it so)."""
     fixed = 0
     try:
-        layer = LayerDir(writer.layer_dir(digest) / "layerfs")
+        layer = LayerDir(writer.layer_dir(digest) / LAYERFS)
     except OSError:
         return 0
     try:
