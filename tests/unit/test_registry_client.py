@@ -385,3 +385,51 @@ def test_a_corrupt_layer_fails_at_end_of_stream() -> None:
     with pytest.raises(IntegrityError, match=blob.digest):
         fetch_everything(registry, name)
     assert sha256(bytes(len(blob.data))) != blob.digest
+
+
+def test_a_blob_redirected_to_another_host_gets_no_credentials(tmp_path: Path) -> None:
+    # Registries send blobs from object stores (S3, GCS) through a redirect: the
+    # registry's Authorization must not go along to that other host.
+    registry = FakeRegistry(auth="bearer", users={USER: PASSWORD})
+    img = small_image()
+    name = registry.push("private/app", "1", img)
+    blob = img.layers[0]
+    storage: list[httpx.Request] = []
+    serve = registry.handle
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "storage.test":
+            storage.append(request)
+            return respond(200, blob.data)
+        response = serve(request)
+        if blob.digest in request.url.path and response.status_code == 200:
+            return httpx.Response(307, headers={
+                "Location": f"https://storage.test/{blob.digest}?signature=abc"})
+        return response
+
+    registry.handle = handle  # type: ignore[method-assign]
+    assert fetch_everything(registry, name, auth_files=[auth_file(tmp_path)]) == blob.data
+    [request] = storage
+    assert "Authorization" not in request.headers
+    assert request.url.params["signature"] == "abc"
+
+
+def test_an_insecure_registry_without_tls_is_spoken_to_over_http() -> None:
+    registry = FakeRegistry()
+    img = small_image()
+    name = registry.push("library/app", "1", img)
+    serve = registry.handle
+
+    def plain_http_only(request: httpx.Request) -> httpx.Response:
+        if request.url.scheme == "https":
+            raise httpx.ConnectError("wrong version number", request=request)
+        return serve(request)
+
+    registry.handle = plain_http_only  # type: ignore[method-assign]
+    assert fetch_everything(registry, name, insecure=[HOST]) == img.layers[0].data
+    assert {r.url.scheme for r in registry.requests} == {"http"}
+    # A registry not declared insecure is never spoken to over plain HTTP.
+    registry.requests.clear()
+    with pytest.raises(RegistryUnreachable, match=f"--insecure-registry {HOST}"):
+        fetch_everything(registry, name)
+    assert registry.requests == []
