@@ -246,7 +246,8 @@ def convert(registry: FakeRegistry, root: Path, *names: str,
     """Convert `names` into the directory repository `root`, all in this process."""
     with registry.client() as client:
         converter = Converter(DirectoryBackend(root), client, options or ConvertOptions(workers=2))
-        report = converter.convert([parse_reference(n) for n in names])
+        report = converter.convert([parse_reference(n, allow_wildcard="*" in n)
+                                    for n in names])
     errors = [f"{i.reference}: {i.error}" for i in report.images if i.error]
     assert not errors and not report.rejected, (errors, report.rejected)
     return report

@@ -34,6 +34,9 @@ BASE = [
     Entry("h/pair-a", data=b"pair"),
     Entry("h/pair-b", "hardlink", target="h/pair-a"),
     Entry("mode", data=b"private", mode=0o600, uid=1000, gid=1000, mtime=1_500_000_000),
+    Entry("s2d", "symlink", target="/etc"),
+    Entry("d2s/", "dir"),
+    Entry("d2s/child", data=b"goes with its directory"),
 ]
 UPPER = [
     Entry("a/", "dir"),
@@ -51,6 +54,9 @@ UPPER = [
     Entry("h/two-a", data=b"linked in layer 2"),
     Entry("h/two-b", "hardlink", target="h/two-a"),
     Entry("added-then-gone", data=b"removed by layer 3"),
+    Entry("s2d/", "dir"),  # replaces the symlink: nothing lands in the host's /etc
+    Entry("s2d/file", data=b"in a real directory"),
+    Entry("d2s", "symlink", target="a"),
 ]
 TOP = [
     Entry("tree/", "dir"),  # recreated after its whiteout: nothing of the old one comes back
@@ -98,6 +104,14 @@ def test_an_opaque_directory_hides_everything_below_it(flat: Path) -> None:
 def test_a_file_replaced_by_a_directory_and_a_directory_by_a_file(flat: Path) -> None:
     assert tree(flat / "f2d") == {"inside": "file:now a directory"}
     assert describe(flat / "d2f") == "file:now a file"
+
+
+def test_a_symlink_replaced_by_a_directory_and_a_directory_by_a_symlink(flat: Path) -> None:
+    assert describe(flat / "s2d") == "dir"
+    assert tree(flat / "s2d") == {"file": "file:in a real directory"}
+    assert not Path("/etc/file").exists()
+    assert describe(flat / "d2s") == "link:a"
+    assert (flat / "d2s/keep").read_bytes() == b"keep, modified in layer 3"
 
 
 def test_hardlinks_across_layers(flat: Path) -> None:

@@ -188,3 +188,16 @@ def test_gc_of_a_missing_repository_creates_nothing(tmp_path: Path) -> None:
 def test_a_layout_helper_agrees_with_the_paths_used_here(tmp_path: Path) -> None:
     digest = Digest.of(b"x")
     assert Layout(tmp_path).layer_rel(digest) == layer_rel(str(digest))
+
+
+def test_a_flat_tree_stays_while_another_name_uses_its_image(tmp_path: Path) -> None:
+    img = image([layer([Entry("x", data=b"x")])])
+    registry = FakeRegistry()
+    names = [registry.push("library/one", "1", img), registry.push("team/two", "2", img)]
+    root = tmp_path / "repo"
+    convert(registry, root, *names)
+    backend = DirectoryBackend(root, create=False)
+    remove_images(backend, [parse_reference(names[0])])
+    report = collect_garbage(backend, dry_run=True)
+    assert (report.layers, report.flats) == ([], [])
+    assert (root / f"{HOST}/team/two:2/x").read_bytes() == b"x"

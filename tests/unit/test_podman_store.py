@@ -212,3 +212,29 @@ def test_one_image_under_several_repositories_is_one_entry(tmp_path: Path) -> No
     [entry] = read_json(root / STORE / "overlay-images/images.json")
     assert entry["names"] == sorted(names)
     assert entry["id"] == img.config_digest.split(":", 1)[1]
+
+
+def test_an_image_whose_metadata_breaks_keeps_its_last_good_entry(tmp_path: Path) -> None:
+    # A damaged manifest.json must not make an image vanish from every client's podman.
+    registry = FakeRegistry()
+    shared = layer([Entry("etc/", "dir"), Entry("etc/os", data=b"os")])
+    a = image([shared, layer([Entry("a", data=b"a")])])
+    b = image([shared, layer([Entry("b", data=b"b")])])
+    c = image([layer([Entry("c", data=b"c")])])
+    names = [registry.push("library/a", "1", a), registry.push("library/b", "1", b)]
+    root = tmp_path / "repo"
+    convert(registry, root, *names)
+    before = {e["id"]: e for e in read_json(root / STORE / "overlay-images/images.json")}
+    b_id = b.config_digest.split(":", 1)[1]
+
+    (root / f".metadata/{HOST}/library/b:1/manifest.json").write_text("{")
+    report = convert(registry, root, registry.push("library/c", "1", c))
+    assert report.views is not None and report.views.store is not None
+    assert report.views.store.kept == [f"{HOST}/library/b:1"]
+    assert any(f"{HOST}/library/b:1" in problem for problem in report.problems)
+    after = {e["id"]: e for e in read_json(root / STORE / "overlay-images/images.json")}
+    assert after[b_id] == before[b_id]
+    assert set(after) == {*before, c.config_digest.split(":", 1)[1]}
+    layers = {e["id"] for e in read_json(root / STORE / "overlay-layers/layers.json")}
+    assert set(podman_layer_ids(diff_ids(b))) <= layers
+    assert (root / STORE / "overlay" / podman_layer_ids(diff_ids(b))[-1] / "diff/b").is_file()

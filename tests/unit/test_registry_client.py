@@ -433,3 +433,21 @@ def test_an_insecure_registry_without_tls_is_spoken_to_over_http() -> None:
     with pytest.raises(RegistryUnreachable, match=f"--insecure-registry {HOST}"):
         fetch_everything(registry, name)
     assert registry.requests == []
+
+
+def test_a_wildcard_converts_every_matching_tag_across_pages(tmp_path: Path) -> None:
+    registry = FakeRegistry(tag_page=2)
+    for tag in ("1.0", "1.1", "1.2", "2.0", "latest"):
+        registry.push("library/app", tag, small_image(tag.encode()))
+    report = convert(registry, tmp_path / "repo", f"{HOST}/library/app:1.*")
+    assert sorted(str(i.reference) for i in report.images) == [
+        f"{HOST}/library/app:1.0", f"{HOST}/library/app:1.1", f"{HOST}/library/app:1.2"]
+    assert (tmp_path / f"repo/{HOST}/library/app:1.2/etc/greeting").read_bytes() == b"1.2"
+    assert not (tmp_path / f"repo/{HOST}/library/app:2.0").exists()
+
+
+def test_a_malformed_tag_list_is_an_error() -> None:
+    registry = FakeRegistry()
+    registry.faults.append(lambda request: respond(200, b"<html>not json</html>"))
+    with registry.client() as client, pytest.raises(RegistryError, match="malformed tag list"):
+        client.list_tags(parse_reference(f"{HOST}/library/app"))
