@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from lazypod.digest import Digest
 from lazypod.errors import LayerError
 from lazypod.fseval import At, FsEval, Meta, RootFs, UnprivilegedFs, process_fs
 from lazypod.fsutil import current_umask, make_dirs, write_new
-from lazypod.views.flat_tree import FlatTree, Node, OpenLayers
+from lazypod.unpack import DirectorySink
+from lazypod.views.flat_tree import FlatTree, Node, OpenLayers, merge_layers, scan_layer
 
 ROOT = os.geteuid() == 0
 
@@ -279,3 +283,31 @@ def test_setuid_bits_are_set_again_after_a_chown_clears_them(directory):
     spy.apply_meta(At(fd, b"f"), meta(0o4755, 5, 0), "f", ours=True, created=0o4755,
                    warn=None)
     assert spy.calls == ["chown 5:0", "chmod 4755"]
+
+
+@pytest.mark.parametrize("kind", ["root", "unprivileged"])
+def test_flat_tree_copies_of_layer_files_keep_mode_and_xattrs(tmp_path, kind):
+    """Across file systems a layer's file is copied (no hardlink, no reflink)."""
+    fs = evaluator(kind)
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than pytest's temporary files")
+    layerfs = tmp_path / "layerfs"
+    layerfs.mkdir()
+    sink = DirectorySink(layerfs, fs=fs)
+    sink.file((b"f",), meta(0o640, 1000, 1000, {"user.k": b"v"}), [memoryview(b"content")])
+    sink.finish()
+    digest = Digest("sha256", "0" * 64)
+    tree = merge_layers([scan_layer(layerfs, digest, None)],
+                        FlatTree({digest.hex: layerfs}, {digest.hex: "l"}, OpenLayers(fs=fs)))
+    dest = Path(tempfile.mkdtemp(dir=other))
+    try:
+        tree.materialize(dest)
+        copy, source = os.lstat(dest / "f"), os.lstat(layerfs / "f")
+        assert (dest / "f").read_bytes() == b"content" and copy.st_ino != source.st_ino
+        assert stat.S_IMODE(copy.st_mode) == 0o640 and copy.st_mtime_ns == source.st_mtime_ns
+        assert (copy.st_uid, copy.st_gid) == ((1000, 1000) if fs.privileged
+                                              else (os.geteuid(), os.getegid()))
+        assert os.getxattr(dest / "f", "user.k") == b"v"
+    finally:
+        shutil.rmtree(dest)

@@ -20,7 +20,6 @@ into catalog entries sharing the content (no file content is read or sent).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -421,10 +420,9 @@ class _DirectoryWriter:
                     with open(src, "rb", closefd=False) as fin, \
                             open(dst, "wb", closefd=False) as fout:
                         shutil.copyfileobj(fin, fout, 1 << 20)
-                for xattr in os.listxattr(src):
-                    if not xattr.startswith(RESERVED_XATTR_PREFIXES):
-                        with contextlib.suppress(OSError):
-                            os.setxattr(dst, xattr, os.getxattr(src, xattr))
+                xattrs = {key: os.getxattr(src, key) for key in os.listxattr(src)
+                          if not key.startswith(RESERVED_XATTR_PREFIXES)}
+                self._fs.set_xattrs(At(dst), xattrs, os.fsdecode(name), _ignore)
             finally:
                 if dst >= 0:
                     os.close(dst)
