@@ -271,7 +271,10 @@ def describe(path: Path) -> str:
     if stat.S_ISDIR(st.st_mode):
         return "dir"
     if stat.S_ISREG(st.st_mode):
-        return "file:" + path.read_bytes().decode(errors="replace")
+        try:
+            return "file:" + path.read_bytes().decode(errors="replace")
+        except PermissionError:  # mode 0000, read by an ordinary user
+            return "file:?"
     if stat.S_ISCHR(st.st_mode):
         return "whiteout" if st.st_rdev == 0 else "char"
     if stat.S_ISFIFO(st.st_mode):

@@ -35,6 +35,9 @@ BASE = [
     Entry("h/pair-b", "hardlink", target="h/pair-a"),
     Entry("mode", data=b"private", mode=0o600, uid=1000, gid=1000, mtime=1_500_000_000),
     Entry("s2d", "symlink", target="/etc"),
+    Entry("shadow", data=b"root:*:1::::::\n", mode=0o000),  # as in Fedora and RHEL images
+    Entry("ro/", "dir", mode=0o555),
+    Entry("ro/inside", data=b"in a read-only directory"),
     Entry("d2s/", "dir"),
     Entry("d2s/child", data=b"goes with its directory"),
 ]
@@ -125,6 +128,12 @@ def test_hardlinks_across_layers(flat: Path) -> None:
     # Names linked within one layer stay one inode.
     assert os.path.samefile(flat / "h/two-a", flat / "h/two-b")
     assert not os.path.samefile(flat / "h/orig", flat / "h/link")
+
+
+def test_unreadable_files_and_read_only_directories(flat: Path) -> None:
+    assert stat.S_IMODE((flat / "shadow").lstat().st_mode) == 0o000
+    assert stat.S_IMODE((flat / "ro").lstat().st_mode) == 0o555
+    assert (flat / "ro/inside").read_bytes() == b"in a read-only directory"
 
 
 def test_no_whiteout_reaches_the_tree(flat: Path) -> None:

@@ -238,3 +238,20 @@ def test_an_image_whose_metadata_breaks_keeps_its_last_good_entry(tmp_path: Path
     layers = {e["id"] for e in read_json(root / STORE / "overlay-layers/layers.json")}
     assert set(podman_layer_ids(diff_ids(b))) <= layers
     assert (root / STORE / "overlay" / podman_layer_ids(diff_ids(b))[-1] / "diff/b").is_file()
+
+
+def test_a_layer_repeated_in_one_image_gets_an_id_per_position(tmp_path: Path) -> None:
+    # The same blob twice in one image (reproducible builds make identical layers):
+    # containers/image gives each position its own ID, parented by the one below.
+    registry = FakeRegistry()
+    repeated = layer([Entry("marker", data=b"same bytes")])
+    middle = layer([Entry("marker", data=b"middle")])
+    img = image([repeated, middle, repeated])
+    root = tmp_path / "repo"
+    convert(registry, root, registry.push("library/repeat", "1", img))
+    ids = podman_layer_ids(diff_ids(img))
+    assert len(set(ids)) == 3
+    layers = {e["id"]: e for e in read_json(root / STORE / "overlay-layers/layers.json")}
+    assert set(layers) == set(ids)
+    assert layers[ids[2]]["parent"] == ids[1] and layers[ids[1]]["parent"] == ids[0]
+    assert (root / f"{HOST}/library/repeat:1/marker").read_bytes() == b"same bytes"
