@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -175,8 +176,8 @@ def test_a_rerun_reads_nothing_but_the_index(tmp_path):
     run(tmp_path / "repo", f"oci:{layout}:1")
     before = files(tmp_path / "repo")
     for blob in (tmp_path / "layout/blobs/sha256").iterdir():
-        blob.chmod(0)  # a rerun that opened any blob would fail (as root: it would be
-        blob.write_bytes(b"")  # empty, and fail its digest)
+        blob.write_bytes(b"")  # a rerun that read any blob would fail its digest
+        blob.chmod(0)  # (or, not as root, fail to open it)
     published, errors = run(tmp_path / "repo", f"oci:{layout}:1")
     assert errors == [] and published == ["localhost/layout:1"]
     assert files(tmp_path / "repo") == before
@@ -307,6 +308,27 @@ def test_a_fifo_planted_as_a_blob_is_refused_not_waited_for(tmp_path):
     os.mkfifo(config)
     published, errors = run(tmp_path / "repo", f"oci:{layout}:1")
     assert published == [] and "is not a regular file" in errors[0]
+
+
+def test_a_layout_is_not_a_way_to_other_files_of_the_machine(tmp_path):
+    img = app_image()
+    outside = write_oci_layout(tmp_path / "outside", [LayoutEntry(img, "1")])
+    for name, link in (("blob", f"blobs/sha256/{img.config_digest[7:]}"),
+                       ("dir", "blobs/sha256")):
+        layout = write_oci_layout(tmp_path / name, [LayoutEntry(img, "1")])
+        target = layout / link
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+        target.symlink_to(outside / link)
+        published, errors = run(tmp_path / "repo", f"oci:{layout}:1")
+        assert published == [] and "symbolic link or not a directory: refused" in errors[0]
+    index = json.loads((outside / "index.json").read_text())
+    index["manifests"][0]["digest"] = "sha256:../../../../etc/passwd"
+    (outside / "index.json").write_text(json.dumps(index))
+    published, errors = run(tmp_path / "repo", f"oci:{outside}:1")
+    assert published == [] and errors[0].startswith(f"oci:{outside}: index.json: invalid digest")
 
 
 # -- containers-storage, through a stand-in podman -----------------------------------

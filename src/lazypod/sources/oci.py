@@ -18,6 +18,7 @@ against its descriptor's digest and size as it is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..digest import Digest, Readable, VerifyingReader
-from ..errors import IntegrityError, InvalidReference, SourceError
+from ..errors import IntegrityError, InvalidReference, LazypodError, SourceError
 from ..manifest import (
     OCI_INDEX,
     Descriptor,
@@ -69,13 +70,31 @@ class _Directory:
         self._label = label
 
     def open(self, name: str) -> tuple[Readable, int] | None:
+        """Opened component by component without following symlinks: a layout's files
+        are its own, never a way to some other file of this machine."""
+        *directories, last = name.split("/")
         try:
+            dirfd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"{self._label}: cannot read it: {exc.strerror}") from None
+        try:
+            for part in directories:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                                os.O_CLOEXEC, dir_fd=dirfd)
+                os.close(dirfd)
+                dirfd = inner
             # Non-blocking: a FIFO planted as a blob must not hang the run.
-            fd = os.open(self._root / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+            fd = os.open(last, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=dirfd)
+        except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SourceError(f"{self._label}: {name} (or a directory above it) is a "
+                                  "symbolic link or not a directory: refused") from None
             raise SourceError(f"{self._label}: cannot read {name}: {exc.strerror}") from None
+        finally:
+            os.close(dirfd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -353,8 +372,11 @@ def _parse_index(raw: bytes, label: str) -> list[_Entry]:
             raise SourceError(f"{label}: index.json lists something that is not a descriptor")
         annotations = item.get("annotations")
         name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
-        entries.append(_Entry(Descriptor.from_json(item, f"{label} index.json"),
-                              str(name) if name else None))
+        try:
+            desc = Descriptor.from_json(item, f"{label} index.json")
+        except LazypodError as exc:  # a digest that is no digest names no file either
+            raise SourceError(f"{label}: index.json: {exc}") from None
+        entries.append(_Entry(desc, str(name) if name else None))
     return entries
 
 
