@@ -451,3 +451,43 @@ def test_a_malformed_tag_list_is_an_error() -> None:
     registry.faults.append(lambda request: respond(200, b"<html>not json</html>"))
     with registry.client() as client, pytest.raises(RegistryError, match="malformed tag list"):
         client.list_tags(parse_reference(f"{HOST}/library/app"))
+
+
+def test_a_ducc_login_is_used_and_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    from lazypod.ducc_env import ducc_registries
+    from lazypod.routes import Routes
+
+    caplog.set_level(logging.DEBUG)
+    env = {"DUCC_AUTH_REGISTRIES": "lab", "DUCC_lab_IDENT": HOST,
+           "DUCC_lab_USER": USER, "DUCC_lab_PASS": PASSWORD}
+    registry = FakeRegistry(auth="bearer", users={USER: PASSWORD})
+    img = small_image()
+    name = registry.push("private/app", "1", img)
+    routes = Routes(ducc_registries(env))
+    assert fetch_everything(registry, name, routes=routes) == img.layers[0].data
+    assert registry.token_requests[0].headers["Authorization"] == basic(USER, PASSWORD)
+
+    registry.users = {USER: "changed"}
+    registry.issued.clear()
+    with pytest.raises(AuthenticationFailed) as caught:
+        fetch_everything(registry, name, routes=Routes(ducc_registries(env)))
+    assert "$DUCC_lab_USER and $DUCC_lab_PASS" in str(caught.value)
+    for secret in SECRETS:
+        assert secret not in str(caught.value) and secret not in caplog.text
+
+
+def test_the_token_may_come_as_access_token() -> None:
+    registry = FakeRegistry(auth="bearer")
+    img = small_image()
+    name = registry.push("library/app", "1", img)
+    serve = registry.handle
+
+    def oauth_style(request: httpx.Request) -> httpx.Response:
+        response = serve(request)
+        if request.url.host == "auth.test":
+            token = json.loads(response.read())["token"]
+            return httpx.Response(200, json={"access_token": token, "expires_in": 300})
+        return response
+
+    registry.handle = oauth_style  # type: ignore[method-assign]
+    assert fetch_everything(registry, name) == img.layers[0].data
