@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -57,6 +56,15 @@ from .sources.base import (
     checked_image,
     expand_tags,
 )
+from .sources.registry_io import (
+    HTTPX_ERRORS,
+    BytesReader,
+    Dropped,
+    ResponseReader,
+    RetryBudget,
+    next_link,
+    read_limited,
+)
 
 __all__ = ["MAX_CONFIG_SIZE", "RegistryClient", "ResolvedImage", "checked_image"]
 
@@ -65,10 +73,6 @@ log = logging.getLogger(__name__)
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _T = TypeVar("_T")
-# Everything httpx raises on its own: its HTTPError tree, and the errors outside it
-# that a registry's answer can provoke (a malformed realm or Link URL, a body read
-# twice). Translated where httpx is called, nowhere else.
-_HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError)
 
 
 class _Transport:
@@ -85,42 +89,6 @@ class _Transport:
         """One token request per scope at a time; scopes (repositories) in parallel."""
         with self.lock:
             return self._scope_locks.setdefault(scope, threading.Lock())
-
-
-class _Retry:
-    """The retry budget of one request: transient failures (connection errors, drops
-    mid-body, 429, 5xx) are retried with exponential backoff, honouring Retry-After,
-    until `retry_for` seconds have passed since the first failure."""
-
-    def __init__(self, retry_for: float, backoff: float, what: str) -> None:
-        self._retry_for = retry_for
-        self._backoff = backoff
-        self._what = what
-        self._first: float | None = None
-        self._attempt = 0
-
-    def wait(self, error: RegistryError, retry_after: str | None = None, *,
-             budget: float | None = None) -> None:
-        """Sleep before the next attempt, or raise `error` once the budget is spent
-        (`budget`: a shorter one for this kind of failure)."""
-        now = time.monotonic()
-        if self._first is None:
-            self._first = now
-        self._attempt += 1
-        delay = min(self._backoff * 2 ** (self._attempt - 1), 16.0)
-        if retry_after and retry_after.strip().isdigit():
-            delay = max(delay, min(float(retry_after), 60.0))
-        allowed = self._retry_for if budget is None else min(budget, self._retry_for)
-        if now + delay > self._first + allowed:
-            if self._attempt > 1:
-                raise type(error)(f"{error} (tried for {now - self._first:.0f} s)")
-            raise error
-        log.warning("%s; retrying in %.1fs", error, delay)
-        time.sleep(delay)
-
-
-class _Dropped(RegistryUnreachable):
-    """The connection broke off in the middle of a response body."""
 
 
 class RegistryClient:
@@ -252,7 +220,7 @@ class RegistryClient:
             raw, _ = self._get_bytes(at, f"/v2/{at.repository}/blobs/{desc.digest}",
                                      what=f"{what} {desc.digest.short} of {ref}", limit=limit,
                                      last=last)
-            reader = VerifyingReader(_BytesReader(raw), desc.digest, desc.size, what=what)
+            reader = VerifyingReader(BytesReader(raw), desc.digest, desc.size, what=what)
             return reader.read(-1) + reader.read(1)
 
         return self._follow(ref, attempt)
@@ -269,7 +237,7 @@ class RegistryClient:
             resp = self._follow(ref, lambda at, last: stack.enter_context(self._stream(
                 at, "GET", f"/v2/{at.repository}/blobs/{desc.digest}", what=label,
                 retry=self._retry(label, last))))
-            raw = _ResponseReader(resp, f"{what} {desc.digest} of {ref}")
+            raw = ResponseReader(resp, f"{what} {desc.digest} of {ref}")
             yield VerifyingReader(raw, desc.digest, desc.size, what=what)
 
     def list_tags(self, ref: ImageReference) -> list[str]:
@@ -284,7 +252,7 @@ class RegistryClient:
                 except (ValueError, AttributeError):
                     raise RegistryError(f"registry {at.registry} sent a malformed tag "
                                         "list") from None
-                path = _next_link(headers.get("Link"))
+                path = next_link(headers.get("Link"))
             return tags
 
         return self._follow(ref, attempt)
@@ -323,9 +291,9 @@ class RegistryClient:
                 )
             return self._credentials[key]
 
-    def _retry(self, what: str, last: bool) -> _Retry:
+    def _retry(self, what: str, last: bool) -> RetryBudget:
         """A request's retry budget: none for an endpoint with another one after it."""
-        return _Retry(self._retry_for if last else 0.0, self._backoff, what)
+        return RetryBudget(self._retry_for if last else 0.0, self._backoff, what)
 
     def _get_bytes(self, ref: ImageReference, path: str, *, what: str, limit: int,
                    headers: dict[str, str] | None = None,
@@ -337,8 +305,8 @@ class RegistryClient:
             try:
                 with self._stream(ref, "GET", path, what=what, headers=headers,
                                   retry=retry) as resp:
-                    return _read_limited(resp, limit, what), resp.headers
-            except _Dropped as exc:
+                    return read_limited(resp, limit, what), resp.headers
+            except Dropped as exc:
                 retry.wait(exc)
 
     @contextlib.contextmanager
@@ -350,11 +318,11 @@ class RegistryClient:
         *,
         what: str,
         headers: dict[str, str] | None = None,
-        retry: _Retry | None = None,
+        retry: RetryBudget | None = None,
     ) -> Iterator[httpx.Response]:
         transport = self._transport(ref)
         scope = f"repository:{ref.repository}:pull"
-        retry = retry or _Retry(self._retry_for, self._backoff, what)
+        retry = retry or RetryBudget(self._retry_for, self._backoff, what)
         authed = False
         while True:
             url = f"{self._scheme(transport, ref)}://{transport.host}{path}"
@@ -375,7 +343,7 @@ class RegistryClient:
                 retry.wait(unreachable, budget=_CONNECT_BUDGET if isinstance(
                     exc, httpx.ConnectError) else None)
                 continue
-            except _HTTPX_ERRORS as exc:  # redirect loops, invalid URLs: nothing to retry
+            except HTTPX_ERRORS as exc:  # redirect loops, invalid URLs: nothing to retry
                 raise RegistryError(f"{what}: {exc}") from None
             try:
                 if resp.status_code == 401 and not authed:
@@ -392,7 +360,7 @@ class RegistryClient:
                 if resp.status_code >= 400:
                     body = b""
                     if method != "HEAD" and resp.status_code != 416:
-                        with contextlib.suppress(*_HTTPX_ERRORS):
+                        with contextlib.suppress(*HTTPX_ERRORS):
                             body = resp.read()[:4096]
                     raise _http_error(ref, resp.status_code, body, what, self._creds(ref))
                 yield resp
@@ -419,7 +387,7 @@ class RegistryClient:
                 try:
                     self._http_noverify.get(f"https://{transport.host}/v2/", timeout=5.0)
                     transport.scheme = "https"
-                except _HTTPX_ERRORS:
+                except HTTPX_ERRORS:
                     transport.scheme = "http"
                 log.debug("registry %s: using %s", transport.host, transport.scheme)
             return transport.scheme
@@ -453,7 +421,7 @@ class RegistryClient:
             raise RegistryUnreachable(
                 f"token service {params['realm']} of {ref.registry} is unreachable: {exc}"
             ) from None
-        except _HTTPX_ERRORS as exc:
+        except HTTPX_ERRORS as exc:
             raise RegistryError(f"token service {params['realm']!r} of {ref.registry} "
                                 f"cannot be used: {exc}") from None
         if resp.status_code in (401, 403):
@@ -527,68 +495,3 @@ def _http_error(
                              "retry later or log in for a higher limit")
     return RegistryError(f"{what}: registry {ref.registry} answered HTTP {status}"
                          + (f" ({', '.join(codes)})" if codes else ""))
-
-
-def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
-    data = bytearray()
-    try:
-        for chunk in resp.iter_raw():
-            data += chunk
-            if len(data) > limit:
-                raise UnsupportedImage(f"{what} is larger than {limit} bytes")
-    except _HTTPX_ERRORS as exc:
-        raise _Dropped(f"{what}: connection dropped ({exc})") from None
-    expected = resp.headers.get("Content-Length")
-    if expected and expected.isdigit() and int(expected) != len(data):
-        raise _Dropped(f"{what}: connection dropped ({len(data)} of {expected} bytes)")
-    return bytes(data)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self._data if n < 0 else self._data[:n]
-        self._data = self._data[len(chunk):]
-        return bytes(chunk)
-
-
-def _next_link(link: str | None) -> str | None:
-    if not link:
-        return None
-    match = re.search(r"<([^>]+)>\s*;\s*rel=\"?next\"?", link)
-    if not match:
-        return None
-    target = match.group(1)
-    if "://" in target:
-        target = "/" + target.split("://", 1)[1].split("/", 1)[1]
-    return target
-
-
-class _ResponseReader:
-    """A file-like view of a streamed response body that translates transport errors."""
-
-    def __init__(self, resp: httpx.Response, what: str) -> None:
-        self._chunks = resp.iter_raw(1 << 20)
-        self._buffer = b""
-        self._what = what
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            if n < 0:
-                rest = self._buffer + b"".join(self._chunks)
-                self._buffer = b""
-                return rest
-            while len(self._buffer) < n:
-                chunk = next(self._chunks, None)
-                if chunk is None:
-                    break
-                if not self._buffer and len(chunk) >= n:
-                    self._buffer = chunk
-                    break
-                self._buffer += chunk
-        except _HTTPX_ERRORS as exc:
-            raise _Dropped(f"{self._what}: connection dropped ({exc})") from None
-        data, self._buffer = self._buffer[:n], self._buffer[n:]
-        return data
