@@ -53,6 +53,7 @@ _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _TAG_PATTERN_RE = re.compile(r"^[\w*][\w.*-]{0,127}$")
 _NAME_MAX = 255
 LOCAL_TRANSPORTS = ("oci", "oci-archive", "containers-storage")
+_PORT_THEN_PATH = re.compile(r"^[0-9]+/")
 LOCALHOST = "localhost"
 
 
@@ -152,7 +153,9 @@ def parse_reference(text: str, *, allow_wildcard: bool = False) -> ImageReferenc
     if not text:
         raise InvalidReference("empty image reference")
     transport, colon, rest = text.partition(":")
-    if colon and transport in LOCAL_TRANSPORTS:
+    # `oci:5000/app` stays a registry (host `oci`, port 5000), as repository layouts
+    # name such a host; a layout directory named so is `oci:./5000/app`.
+    if colon and transport in LOCAL_TRANSPORTS and not _PORT_THEN_PATH.match(rest):
         return _parse_local(transport, rest, original, allow_wildcard)
     scheme: str | None = None
     if text.startswith("docker://"):

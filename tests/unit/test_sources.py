@@ -99,6 +99,9 @@ def test_a_source_reference_is_published_under_a_name_it_gives_alone(text, publi
     assert ref.podman_name == published
     assert str(ref) == shown
     assert parse_reference("docker://quay.io/team/app:2").source is None  # the registry
+    # A registry whose host is named like a transport keeps its images' names.
+    assert parse_reference("oci:5000/app:1").podman_name == "oci:5000/app:1"
+    assert parse_reference("oci:./5000/app:1").public_name == "localhost/app:1"
 
 
 @pytest.mark.parametrize(("text", "why"), [
