@@ -9,6 +9,7 @@ Transports, in skopeo's syntax (`reference` parses them):
     containers-storage:NAME       podman's storage      storage.PodmanStorageSource
 
 `Sources` puts them behind one `ImageSource`, choosing by the reference.
+`registry_io` holds how the registry client reads answers (bodies, retries).
 """
 
 from __future__ import annotations
