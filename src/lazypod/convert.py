@@ -131,6 +131,7 @@ class Converter:
         wishlist's malformed lines), reported with the rest."""
         report = RunReport(rejected=list(rejected))
         seen: set[ImageReference] = set()
+        named: dict[str, ImageReference] = {}  # public name -> the image published so
         for ref in requests:
             try:
                 expanded = expand_wildcards(self._source, ref)
@@ -138,9 +139,16 @@ class Converter:
                 report.rejected.append(Rejected(str(ref), str(exc)))
                 continue
             for tagged in expanded:  # an image a wishlist names twice is converted once
-                if tagged not in seen:
-                    seen.add(tagged)
-                    report.images.append(ImageResult(tagged, request=str(ref)))
+                if tagged in seen:
+                    continue
+                first = named.setdefault(tagged.public_name, tagged)
+                if first.source != tagged.source:  # two sources, one name (app/ twice)
+                    report.rejected.append(Rejected(str(tagged), (
+                        f"{tagged} would be published as {tagged.public_name}, as {first} "
+                        "is: give one of them another name (REF)")))
+                    continue
+                seen.add(tagged)
+                report.images.append(ImageResult(tagged, request=str(ref)))
         for entry in report.rejected:
             self._notifier.emit("end_image_conversion", image_request=entry.request,
                                 status="error", error=entry.error)

@@ -186,6 +186,16 @@ def test_a_rerun_reads_nothing_but_the_index(tmp_path):
     assert files(tmp_path / "repo") == before
 
 
+def test_two_sources_of_one_name_in_a_run_convert_the_first_and_reject_the_second(tmp_path):
+    first = write_oci_layout(tmp_path / "a" / "app", [LayoutEntry(app_image("first"))])
+    second = write_oci_layout(tmp_path / "b" / "app", [LayoutEntry(app_image("second"))])
+    published, errors = run(tmp_path / "repo", f"oci:{first}", f"oci:{second}", f"oci:{first}")
+    assert published == ["localhost/app:latest"]
+    assert errors == [f"oci:{second} would be published as localhost/app:latest, as "
+                      f"oci:{first} is: give one of them another name (REF)"]
+    assert (tmp_path / "repo/localhost/app:latest/app").read_text() == "first"
+
+
 def test_platforms_are_chosen_in_a_nested_index_and_in_index_json_itself(tmp_path):
     amd, arm = app_image("amd64"), app_image("arm64", arch="arm64")
     nested = write_oci_layout(tmp_path / "nested", [LayoutEntry(
