@@ -2,18 +2,18 @@
 
 Images come from an `ImageSource` (a registry, an OCI layout or archive, podman's
 storage: `lazypod.sources`), of which the pipeline knows nothing else. One run
-converts any number of images through one backend run, with the work of
-different images overlapping: images are resolved several at a time (the source's
-`head_digest`, a registry's HEAD request, tells which are already in the repository:
-those cost nothing more), and
-the layers of every image are fetched by one pool of workers, each layer once
-however many images share it. An image is committed when all its layers are
-unpacked and verified (compressed digest at end of stream, diff ID against the
-config): its new layers become pending in the backend and its metadata is
-written after them. An image that fails leaves nothing of itself behind; the
-others are still published, and the run reports failure. The `dir` backend
-settles every `checkpoint_seconds` (an interrupted run keeps what was settled);
-views are rendered once, at the end, from the run's in-memory repository state.
+converts any number of images through one backend run, with the work of different
+images overlapping: images are resolved several at a time (the source's
+`head_digest`, a registry's HEAD request, tells which are already in the
+repository: those cost nothing more), and the layers of every image are fetched by
+one pool of workers, each layer once however many images share it. An image is
+committed when all its layers are unpacked and verified (compressed digest at end
+of stream, diff ID against the config): its new layers become pending in the
+backend and its metadata is written after them. An image that fails leaves nothing
+of itself behind; the others are still published, and the run reports failure. The
+`dir` backend settles every `checkpoint_seconds` (an interrupted run keeps what was
+settled); views are rendered once, at the end, from the run's in-memory repository
+state.
 """
 
 from __future__ import annotations
