@@ -193,10 +193,12 @@ class _SliceReader:
         self._left = size
 
     def read(self, n: int = -1) -> bytes:
-        want = self._left if n < 0 else min(n, self._left)
+        if n < 0:
+            return b"".join(iter(lambda: self.read(1 << 24), b""))
+        want = min(n, self._left)
         if want <= 0:
             return b""
-        data = os.pread(self._fd, min(want, 1 << 24), self._offset)
+        data = os.pread(self._fd, want, self._offset)
         self._offset += len(data)
         self._left -= len(data) if data else self._left  # a file cut short ends here
         return data
