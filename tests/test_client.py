@@ -121,6 +121,30 @@ def test_views_rerun_adds_new_images_and_leaves_the_others(registry, lazypod, re
         assert path.lstat().st_ino == inode, path  # untouched
 
 
+def test_views_full_repairs_what_a_rerun_leaves(registry, lazypod, podman_factory, repo,
+                                                 tmp_path):
+    """A rerun renders only images new to the views (its cost grows with what changed);
+    `--full` checks every image's entries and repairs a damaged one."""
+    first = registry.push("client/full", "1", image([layer(busybox_entries())], label="f1"))
+    lazypod.convert(first, repo)
+    into = tmp_path / "views"
+    lazypod("views", str(repo), "--into", str(into), "--offline")
+    (big,) = [p for p in (into / "store/overlay-images").glob("*/manifest")]
+    big.unlink()
+
+    second = registry.push("client/full", "2", image(
+        [layer(busybox_entries()), layer([Entry("second", data=b"2")])], label="f2"))
+    lazypod.convert(second, repo)
+    lazypod("views", str(repo), "--into", str(into), "--offline")
+    assert not big.exists()  # the first image was rendered before: left as it was
+    podman = podman_factory("full", storage_opts=[f"additionalimagestore={into}/store"])
+    assert podman.text("run", "--rm", "--network=none", second, "/bin/cat", "/second") == "2"
+
+    lazypod("views", str(repo), "--into", str(into), "--offline", "--full")
+    assert big.exists()
+    assert podman.text("run", "--rm", "--network=none", first, "/bin/busybox", "true") == ""
+
+
 def test_views_of_a_selection(registry, lazypod, podman_factory, repo, tmp_path):
     """`views --select` renders a subset (podman 4 lists a store in time that grows with
     the square of its size); a rerun with another selection updates the views to it."""

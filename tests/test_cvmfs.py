@@ -261,9 +261,9 @@ def test_sigterm_during_a_publish_lets_it_finish(registry, lazypod, cvmfs):
     cvmfs.inject(publish_sleep=3)  # the run waits on its publish, transaction open
     proc = start_convert(lazypod, cvmfs, names[0])
     deadline = time.monotonic() + 60
-    while not cvmfs.state()["transaction"] and time.monotonic() < deadline:
+    while not cvmfs.publish_started() and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.5)  # well inside `cvmfs_server publish`
+    time.sleep(0.3)  # inside `cvmfs_server publish`
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)

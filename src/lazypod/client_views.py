@@ -42,6 +42,7 @@ from .registry import MAX_CONFIG_SIZE, RegistryClient
 from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
 from .views.podman_store import StoreReport, render_image_store
+from .views.scope import scope_for
 
 __all__ = ["ClientViewsReport", "build_client_views"]
 
@@ -83,10 +84,12 @@ def build_client_views(
     public_root: str | None = None,
     layer_store: bool = True,
     select: Sequence[str] = (),
+    full: bool = False,
 ) -> ClientViewsReport:
     """Render an image store (`<into>/store`) and a layer store (`<into>/layers`);
     with `select` (shell patterns), of the images whose repository name
-    (`registry/repository:tag`) or podman name one of them matches."""
+    (`registry/repository:tag`) or podman name one of them matches. A rerun checks
+    the entries of the images it rendered before only when `full` (`views.scope`)."""
     started = time.monotonic()
     report = ClientViewsReport()
 
@@ -110,8 +113,9 @@ def build_client_views(
         _complete_layer_records(state, report)
         _scan_for_aufs(state, writer, report)
         layers_root = public_root or str(repository.absolute())
+        scope = scope_for(state, into / IMAGE_STORE, layers_root, full=full)
         report.store = render_image_store(state, writer, warn, prefix=IMAGE_STORE,
-                                          layers_root=layers_root)
+                                          layers_root=layers_root, scope=scope)
         if layer_store:
             report.layer_store = render_layer_store(state, writer, warn, prefix=LAYER_STORE,
                                                     layers_root=layers_root)

@@ -180,6 +180,9 @@ class RepositoryState:
     layers: dict[Digest, LayerRecord] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # other problems found by a run
+    # What this run put or dropped: images (public names) and the layers they use.
+    touched: set[str] = field(default_factory=set)
+    touched_layers: set[Digest] = field(default_factory=set)
 
     @classmethod
     def load(cls, layout: Layout) -> RepositoryState:
@@ -208,15 +211,21 @@ class RepositoryState:
 
     def put_layer(self, record: LayerRecord) -> None:
         self.layers[record.digest] = record
+        self.touched_layers.add(record.digest)
 
     def put_image(self, image: ImageRecord) -> None:
         self.drop_image(image.public_name)
         self.images.append(image)
         self.images.sort(key=lambda i: i.public_name)
+        self.touched_layers.update(b.digest for b in image.manifest.layers)
 
     def drop_image(self, public_name: str) -> None:
+        for image in self.images:
+            if image.public_name == public_name:
+                self.touched_layers.update(b.digest for b in image.manifest.layers)
         self.images = [i for i in self.images if i.public_name != public_name]
         self.unreadable.pop(public_name, None)
+        self.touched.add(public_name)
 
     def select(self, patterns: Sequence[str]) -> None:
         """Keep only the images (and unreadable folders) that a shell pattern matches,

@@ -84,6 +84,9 @@ class StandinRepo:
     def ingest_started(self) -> bool:
         return (self.home / self.name / "ingest-started").exists()
 
+    def publish_started(self) -> bool:
+        return (self.home / self.name / "publish-started").exists()
+
     def counts(self) -> dict[str, int]:
         return dict(self.state()["counts"])
 
@@ -185,6 +188,9 @@ class RealRepo:
 
     def ingest_started(self) -> bool:
         return any(e["args"][0] == "ingest" for e in self._shim().get("started", []))
+
+    def publish_started(self) -> bool:
+        return any(e["args"][0] == "publish" for e in self._shim().get("started", []))
 
     def ingests(self) -> list[list[dict[str, Any]]]:
         return [json.loads(Path(p).read_text()) for p in self._shim().get("tars", [])]

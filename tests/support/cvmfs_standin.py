@@ -281,6 +281,7 @@ def cmd_publish(args: list[str]) -> None:
     # The fault counts `publish` commands (as the shim in front of a real server does).
     if repo.state["fail"].get("publish") == repo.count("publish_command"):
         fail("injected failure: publish failed (the transaction stays open)")
+    (repo.base / "publish-started").touch()
     time.sleep(float(repo.state["fail"].get("publish_sleep", 0)))
     _check_before_change(repo, ingest=False)
     _close(repo)

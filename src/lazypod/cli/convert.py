@@ -58,7 +58,9 @@ def run_conversion(
     image was converted (EXIT_PARTIAL when some were)."""
     options = ConvertOptions(
         platform=Platform.parse(platform) if platform else None,
-        views=ViewOptions(podman_store=not skip_podman, flat=not skip_flat),
+        # -f and -g also check (and repair) the views of every image, not only new ones.
+        views=ViewOptions(podman_store=not skip_podman, flat=not skip_flat,
+                          full=overwrite_layers or convert_again),
         workers=workers,
         attempts=attempts,
         convert_again=convert_again,

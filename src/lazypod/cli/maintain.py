@@ -160,12 +160,16 @@ def podman_config(repository: str, mode: str | None, storage_opts: bool, no_laye
                    "another selection update the views to it.")
 @click.option("--select-file", type=click.File("r", encoding="utf-8"), metavar="FILE",
               help="Patterns as --select, one per line ('#' starts a comment).")
+@click.option("--full", is_flag=True,
+              help="Check and repair the views of every image; a rerun otherwise renders "
+                   "only the images new to the views (and drops those gone).")
 @_mode_options
 @ducc_globals
 @runs_cleanly
 def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
           public_root: str | None, insecure: tuple[str, ...], patterns: tuple[str, ...],
-          select_file: TextIO | None, mode: str | None, storage_opts: bool) -> None:
+          select_file: TextIO | None, full: bool, mode: str | None,
+          storage_opts: bool) -> None:
     """Build a podman image store and layer store for REPOSITORY (e.g. one written by
     DUCC, read-only) into a local directory; no root needed, nothing copied. Prints
     the podman settings that use them.
@@ -180,7 +184,7 @@ def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
     try:
         report = build_client_views(read_path(repository), into, registry=registry,
                                     public_root=public_root, layer_store=not no_layer_store,
-                                    select=selection)
+                                    select=selection, full=full)
     finally:
         if registry is not None:
             registry.close()

@@ -68,7 +68,8 @@ def publish_options(func: F) -> F:
                         help="Do not write flat root file systems (.flat) and public links.")(func)
     func = click.option("-f", "--overwrite-layers", is_flag=True,
                         help="Fetch and unpack every layer again, even those the repository "
-                             "has (repairs a layer damaged on disk).")(func)
+                             "has (repairs a layer damaged on disk), and check the views of "
+                             "every image (a run otherwise renders only new images).")(func)
     func = click.option("-g", "--convert-again", is_flag=True,
                         help="Convert images the repository already holds as their source "
                              "has them (their metadata and views are rewritten).")(func)

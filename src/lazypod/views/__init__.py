@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 from ..backend import TreeWriter
 from ..digest import Digest
+from ..layout import PODMAN_STORE
 from ..repository import RepositoryState
 from .flat import FlatReport, render_flat
 from .layer_store import LayerStoreReport, render_layer_store
 from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
+from .scope import FULL, Scope, scope_for
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 class ViewOptions:
     podman_store: bool = True
     flat: bool = True
+    full: bool = False  # check and repair every image's views, not only new ones (scope)
 
 
 @dataclass
@@ -46,15 +49,18 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
 
     for problem in state.problems:
         warn(problem)
+    scope = scope_for(state, writer.layout.root / PODMAN_STORE, writer.public_root,
+                      full=options.full or not options.podman_store)
     # Layer content first (opaque completions, flat trees: the cvmfs backend ingests
-    # them together), then what readers find images by.
+    # them together), then what readers find images by; the podman store last, as
+    # `scope` expects.
     report.opaque = render_opaque(state, writer, warn)
     if options.flat:
-        report.flat = render_flat(state, writer, warn)
+        report.flat = render_flat(state, writer, warn, scope)
     writer.settle()
-    render_origins(state, writer)
+    render_origins(state, writer, scope)
     if options.podman_store:
-        report.store = render_image_store(state, writer, warn)
+        report.store = render_image_store(state, writer, warn, scope=scope)
         report.layer_store = render_layer_store(state, writer, warn)
         for name in report.store.kept:
             state.notes.append(f"{name}: could not be rendered now; the podman store keeps "
@@ -62,14 +68,19 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
     return report
 
 
-def render_origins(state: RepositoryState, writer: TreeWriter) -> None:
-    """`.layers/.../.metadata/origin.json`: the images that use each layer."""
+def render_origins(state: RepositoryState, writer: TreeWriter, scope: Scope = FULL) -> None:
+    """`.layers/.../.metadata/origin.json`: the images that use each layer (in an
+    incremental scope, of the layers this run's images use or used)."""
     users: dict[Digest, set[str]] = defaultdict(set)
+    due: set[Digest] = set(state.touched_layers)
     for image in state.images:
+        rendered = scope.renders(image)
         for layer in image.manifest.layers:
             users[layer.digest].add(image.public_name)
+            if rendered:
+                due.add(layer.digest)
     for digest, record in state.layers.items():
-        if not record.complete:
+        if not record.complete or not (scope.full or digest in due):
             continue
         data = json.dumps({"origin": sorted(users.get(digest, ()))}, indent=1).encode() + b"\n"
         rel = f"{state.layout.layer_rel(digest)}/.metadata/origin.json"

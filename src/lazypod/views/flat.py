@@ -25,6 +25,7 @@ from ..digest import Digest
 from ..manifest import ImageConfig
 from ..repository import ImageRecord, RepositoryState
 from .flat_tree import FlatTree, LayerScans, Node, OpenLayers, build_tree
+from .scope import FULL, Scope
 
 __all__ = ["FlatBatch", "FlatReport", "apptainer_files", "render_flat"]
 
@@ -148,15 +149,18 @@ def _layers(image: ImageRecord) -> list[Digest]:
 
 
 def render_flat(
-    state: RepositoryState, writer: TreeWriter, warn: Callable[[str], None]
+    state: RepositoryState, writer: TreeWriter, warn: Callable[[str], None],
+    scope: Scope = FULL,
 ) -> FlatReport:
-    """Write missing flat trees and the public links to them."""
+    """Write missing flat trees and the public links to them (in an incremental
+    scope, the links of the images it renders and of trees that were missing)."""
     report = FlatReport()
     wanted: dict[str, ImageRecord] = {}
     for image in state.images:
         why = _why_no_flat(state, image)
         if why:
-            warn(f"flat: skipping {image.public_name}: {why}")
+            if scope.renders(image):
+                warn(f"flat: skipping {image.public_name}: {why}")
             continue
         assert image.config is not None
         wanted.setdefault(state.layout.flat_rel(image.config.digest), image)
@@ -165,8 +169,11 @@ def render_flat(
     if missing:
         writer.add_trees(FlatBatch(state, writer, missing))
     report.images, report.added = len(wanted), len(missing)
+    added = {rel for rel, _ in missing}
     for image in state.images:
         if image.config is None or state.layout.flat_rel(image.config.digest) not in wanted:
+            continue
+        if not scope.renders(image) and state.layout.flat_rel(image.config.digest) not in added:
             continue
         link = image.link
         depth = link.count("/")

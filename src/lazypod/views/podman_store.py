@@ -41,6 +41,7 @@ from ..layout import PODMAN_STORE
 from ..manifest import Compression, Descriptor
 from ..reference import parse_reference
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
+from .scope import FULL, Scope
 from .store_files import IMAGES_JSON, IMAGES_LOCK, LAYERS_JSON, LAYERS_LOCK, StoreFiles, read_store
 
 __all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store"]
@@ -105,6 +106,9 @@ class StoreModel:
     images: dict[str, StoreImage] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     skipped_names: set[str] = field(default_factory=set)  # podman names of skipped images
+    # What the scope renders: IDs of images and layers whose directories are checked.
+    rendered_images: set[str] = field(default_factory=set)
+    rendered_layers: set[str] = field(default_factory=set)
 
 
 def chain_ids(diff_ids: list[Digest]) -> list[str]:
@@ -131,15 +135,17 @@ def big_data_file_name(key: str) -> str:
     return "=" + base64.b64encode(key.encode()).decode()
 
 
-def build_store_model(state: RepositoryState, warn: Callable[[str], None]) -> StoreModel:
+def build_store_model(state: RepositoryState, warn: Callable[[str], None],
+                      scope: Scope = FULL) -> StoreModel:
     model = StoreModel()
     owners: dict[str, str] = {}
     for image in state.images:
-        why = _add_image(model, state, image, owners)
+        why = _add_image(model, state, image, owners, scope.renders(image))
         if why:
             model.skipped.append(f"{image.public_name}: {why}")
             model.skipped_names.add(image.podman_name)
-            warn(f"podman store: skipping {image.public_name}: {why}")
+            if scope.renders(image):
+                warn(f"podman store: skipping {image.public_name}: {why}")
     for public_name in state.unreadable:
         try:
             model.skipped_names.add(parse_reference(public_name).podman_name)
@@ -149,7 +155,8 @@ def build_store_model(state: RepositoryState, warn: Callable[[str], None]) -> St
 
 
 def _add_image(
-    model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str]
+    model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str],
+    rendered: bool = True,
 ) -> str | None:
     config = image.config
     if config is None:
@@ -184,6 +191,9 @@ def _add_image(
             )
         links.append(model.layers[layer_id].link)
     owners[image.podman_name] = image.public_name
+    if rendered:
+        model.rendered_images.add(config.digest.hex)
+        model.rendered_layers.update(ids)
     store_image = model.images.get(config.digest.hex)
     if store_image is None:
         store_image = model.images[config.digest.hex] = StoreImage(
@@ -224,13 +234,16 @@ def render_image_store(
     *,
     prefix: str = PODMAN_STORE,
     layers_root: str | None = None,
+    scope: Scope = FULL,
 ) -> StoreReport:
-    """Bring `<prefix>` (under the writer's root) in line with `state`.
+    """Bring `<prefix>` (under the writer's root) in line with `state`: its records
+    for every image, the directories of the images and layers `scope` renders and of
+    any the records did not hold yet.
 
     `layers_root` is the absolute path at which podman will find the repository's
     `.layers` (default: the writer's public root), for stores built elsewhere.
     """
-    model = build_store_model(state, warn)
+    model = build_store_model(state, warn, scope)
     root = writer.layout.root / prefix
     public = layers_root or writer.public_root
     old = read_store(root)
@@ -243,6 +256,8 @@ def render_image_store(
         writer.make_dir(f"{prefix}/{skeleton}")
     added = 0
     for layer in model.layers.values():
+        if not scope.full and layer.id in old.layers and layer.id not in model.rendered_layers:
+            continue
         target = f"{public}/{state.layout.layer_rel(layer.record.digest)}/layerfs"
         added += _ensure_layer_dir(writer, root, prefix, layer, target)
         writer.symlink(f"{prefix}/overlay/l/{layer.link}", f"../{layer.id}/diff")
@@ -253,7 +268,8 @@ def render_image_store(
             )
     for image in model.images.values():
         image.names.sort()
-        _ensure_big_data(writer, root, prefix, image)
+        if scope.full or image.id not in old.images or image.id in model.rendered_images:
+            _ensure_big_data(writer, root, prefix, image)
 
     layer_entries = {lid: layer.entry(created) for lid, layer in model.layers.items()}
     for lid, entry in old.layers.items():
@@ -284,7 +300,11 @@ def render_image_store(
     wanted_images = set(model.images) | set(kept_images)
     for image_id in set(old.images) - wanted_images:
         writer.remove(f"{prefix}/overlay-images/{image_id}")
-    _remove_stale_layers(writer, root, prefix, set(model.layers) | set(kept_layers))
+    if scope.full:
+        _remove_stale_layers(writer, root, prefix, set(model.layers) | set(kept_layers))
+    else:
+        for layer_id in sorted(stale_layers):
+            _remove_layer(writer, root, prefix, layer_id)
     kept = sorted(name for entry in kept_images.values() for name in entry["names"])
     for name in kept:
         warn(f"podman store: kept the last good entry of {name}")
@@ -377,6 +397,17 @@ def _remove_stale_layers(writer: TreeWriter, root: Path, prefix: str, wanted: se
         layer_id = name.removesuffix(".tar-split.gz")
         if name.endswith(".tar-split.gz") and layer_id not in wanted:
             writer.remove(f"{prefix}/overlay-layers/{name}")
+
+
+def _remove_layer(writer: TreeWriter, root: Path, prefix: str, layer_id: str) -> None:
+    """One layer that no image uses any more: its directory, link and tar-split."""
+    linked = read_or_none(root / "overlay" / layer_id / "link")
+    if linked:
+        name = linked.decode(errors="replace").strip()
+        if name and "/" not in name and name not in (".", ".."):
+            writer.remove(f"{prefix}/overlay/l/{name}")
+    writer.remove(f"{prefix}/overlay/{layer_id}")
+    writer.remove(f"{prefix}/overlay-layers/{layer_id}.tar-split.gz")
 
 
 def _dump(obj: Any) -> bytes:

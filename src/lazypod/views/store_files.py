@@ -5,6 +5,7 @@ description of what was wrong, never an exception."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ def store_names(layout: Layout) -> set[str]:
     return read_store(layout.root / PODMAN_STORE).names()
 
 
+_ID = re.compile(r"[0-9a-f]{64}")  # an ID names a directory: nothing else is one
+
+
 def _entries(path: Path, problems: list[str], ok: Any) -> dict[str, dict[str, Any]]:
     try:
         raw = path.read_bytes()
@@ -76,7 +80,8 @@ def _entries(path: Path, problems: list[str], ok: Any) -> dict[str, dict[str, An
     entries: dict[str, dict[str, Any]] = {}
     bad = 0
     for entry in data:
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and ok(entry):
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and \
+                _ID.fullmatch(entry["id"]) and ok(entry):
             entries[entry["id"]] = entry
         else:
             bad += 1

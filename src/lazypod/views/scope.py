@@ -1,0 +1,62 @@
+"""Which images a run renders views for.
+
+A run's cost must grow with what changed, not with the size of the repository: a
+run renders the views of the images the last complete run did not render, and
+leaves the others as they are. The podman store's `images.json` tells which those
+are: a run writes it after every other view of its images (opaque completions,
+flat trees and their links, origins, the store's layer directories), so an image
+it names with the image's current ID had all of them in place. An image that a
+killed run put into `.metadata` without its views is not named there, and the next
+run renders it.
+
+A full scope checks (and repairs) every view of every image: `lazypod views`,
+`convert -f`/`-g`, runs without a podman store, a store lazypod cannot read, and a
+repository seen at another public root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..repository import ImageRecord, RepositoryState
+from .store_files import read_store
+
+__all__ = ["Scope", "scope_for"]
+
+
+@dataclass(frozen=True)
+class Scope:
+    settled: frozenset[str] = frozenset()  # public names whose views are all in place
+    full: bool = True
+
+    def renders(self, image: ImageRecord) -> bool:
+        return self.full or image.public_name not in self.settled
+
+
+FULL = Scope()
+
+
+def scope_for(state: RepositoryState, store_root: Path, public_root: str, *,
+              full: bool) -> Scope:
+    if full:
+        return FULL
+    old = read_store(store_root)
+    if old.problems or not old.images:
+        return FULL
+    for layer_id in old.layers:  # a store written for another public root: relink all
+        try:
+            target = os.readlink(store_root / "overlay" / layer_id / "diff")
+        except OSError:
+            return FULL
+        if not target.startswith(f"{public_root.rstrip('/')}/"):
+            return FULL
+        break
+    pairs = {(name, image_id) for image_id, entry in old.images.items()
+             for name in entry.get("names", ()) if isinstance(name, str)}
+    settled = frozenset(
+        image.public_name for image in state.images
+        if image.config is not None and image.public_name not in state.touched
+        and (image.podman_name, image.config.digest.hex) in pairs)
+    return Scope(settled, full=False)
