@@ -63,7 +63,9 @@ def test_an_image_podman_saved_runs_from_the_repository_as_podmans_own(
     proc = lazypod("convert-single-image", f"{transport}:{target}", str(repo))
     assert registry.requests(since=mark) == []  # the registry is not asked
     assert name in proc.stderr  # published under the name podman saved it as
-    assert (repo / ".metadata" / name / "manifest.json").is_file()
+    manifest = (repo / ".metadata" / name / "manifest.json").read_text()
+    assert lazypod("download-manifest", "--raw", f"{transport}:{target}").stdout == manifest
+    assert json.loads(manifest)["layers"]
 
     from_repo = podman_factory("from-repo", storage_opts=store_opts(repo))
     assert from_repo.text("run", "--rm", "--network=none", name, "/bin/cat",
