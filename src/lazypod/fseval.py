@@ -1,5 +1,5 @@
 """What lazypod does differently on the file system as root and as an ordinary user, in
-one object chosen once per process and passed in (umoci's `fseval`).
+one object chosen for the process (`process_fs`) and passed in (umoci's `fseval`).
 
 * `RootFs`: entries get the owners the tarball (or the layer) gives them; device
   nodes are made; a new directory or file is made with its final permissions at once
@@ -28,7 +28,8 @@ from typing import ClassVar
 from .errors import LayerError
 from .fsutil import current_umask
 
-__all__ = ["At", "FsEval", "Meta", "RootFs", "UnprivilegedFs", "Warn", "process_fs"]
+__all__ = ["At", "FsEval", "Meta", "RootFs", "UnprivilegedFs", "Warn", "proc_path",
+           "process_fs"]
 
 Warn = Callable[[str], None]
 
@@ -60,7 +61,14 @@ class At:
         no dir_fd form); the last component is not followed."""
         if self.name is None:
             return self.fd
-        return b"/proc/self/fd/%d/%s" % (self.fd, self.name)
+        return proc_path(self.fd, self.name)
+
+
+def proc_path(dir_fd: int, name: bytes) -> bytes:
+    """A path to `name` in an open directory, for calls that take no dir_fd (xattrs);
+    the directory is pinned by its descriptor, the last component is not followed by
+    the `l*` calls (`follow_symlinks=False`)."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 class FsEval(ABC):

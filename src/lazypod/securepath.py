@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import LayerError, UnsafeLayer
-from .fseval import At, FsEval, process_fs
+from .fseval import At, FsEval, proc_path, process_fs
 
 __all__ = ["LayerDir", "LayerEntry", "SafePath", "clean_member_name", "display", "walk_layer"]
 
@@ -178,13 +178,6 @@ class LayerDir:
             raise LayerError(f"{display(path)!r} in layer {self.path} is not a regular file")
         os.set_blocking(fd, True)
         return fd
-
-
-def proc_path(dir_fd: int, name: bytes) -> bytes:
-    """A path to `name` in an open directory, for calls that take no dir_fd (xattrs);
-    the directory is pinned by its descriptor, the last component is not followed by
-    the `l*` calls (`follow_symlinks=False`)."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 @dataclass(frozen=True, slots=True)
