@@ -129,7 +129,7 @@ def test_views_full_repairs_what_a_rerun_leaves(registry, lazypod, podman_factor
     lazypod.convert(first, repo)
     into = tmp_path / "views"
     lazypod("views", str(repo), "--into", str(into), "--offline")
-    (big,) = [p for p in (into / "store/overlay-images").glob("*/manifest")]
+    (big,) = list((into / "store/overlay-images").glob("*/manifest"))
     big.unlink()
 
     second = registry.push("client/full", "2", image(
