@@ -2,8 +2,8 @@
 
 Lookup order (first file that has an entry for the registry wins), as podman does
 (`credHelpers` and docker's `credsStore` run `docker-credential-<helper> get`):
-`$REGISTRY_AUTH_FILE`, `${XDG_RUNTIME_DIR}/containers/auth.json`,
-`~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a
+`${XDG_RUNTIME_DIR}/containers/auth.json`, `~/.config/containers/auth.json`,
+`~/.docker/config.json`; `$REGISTRY_AUTH_FILE` alone when set. Keys may be a
 registry (`quay.io`), a registry with a namespace (`quay.io/org`, most specific
 wins) or a URL (`https://index.docker.io/v1/`). The registry client asks the
 logins of DUCC_AUTH_REGISTRIES (`ducc_env`) before these files. Credentials are
@@ -42,9 +42,11 @@ class Credentials:
 
 
 def auth_files() -> list[Path]:
-    files: list[Path] = []
+    """The auth files podman reads, in its order; a file the user chose
+    (`$REGISTRY_AUTH_FILE`) is the only one, as in podman."""
     if env := os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(Path(env))
+        return [Path(env)]
+    files: list[Path] = []
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         files.append(Path(runtime) / "containers" / "auth.json")
     elif os.geteuid() != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 __all__ = ["current_umask", "listdir", "make_dirs", "read_or_none", "remove_tree",
@@ -71,10 +72,38 @@ def write_new(path: str | os.PathLike[str] | bytes, data: bytes, mode: int = 0o6
         os.close(fd)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a file, a symlink or a whole directory; nothing if it is not there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def remove_tree(path: Path, *, quiet: bool = False) -> None:
+    """Remove a file, a symlink or a whole directory; nothing if it is not there.
+    Read-only directories (a layer's root is 0555, and images hold 0555 and 0000
+    ones) stop only an ordinary user: they are then made writable and the removal
+    tried again. `quiet`: what still cannot be removed is left, silently."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            try:
+                shutil.rmtree(path)
+            except PermissionError:
+                _make_writable(path)
+                shutil.rmtree(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    except OSError:
+        if not quiet:
+            raise
+
+
+def _make_writable(path: Path | str) -> None:
+    """Give the owner rwx on every directory below `path` (symlinks not followed),
+    each before it is listed."""
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            return
+        if mode & 0o700 != 0o700:
+            os.chmod(path, stat.S_IMODE(mode) | 0o700)
+        with os.scandir(path) as entries:
+            subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return  # not ours: rmtree says so
+    for subdir in subdirs:
+        _make_writable(subdir)

@@ -77,16 +77,13 @@ def collect_garbage(backend: Backend, *, dry_run: bool = False, grace_seconds: f
     if dry_run:
         if not backend.layout.root.is_dir():
             raise RepositoryError(f"{backend.layout.root} does not exist")
-        _unreachable(RepositoryState.load(backend.layout), report, grace_seconds)
+        state = RepositoryState.load(backend.layout)
+        _refuse_unreadable(state, force)  # the dry run says what the run would do
+        _unreachable(state, report, grace_seconds)
         return report
     with backend.run() as run:
         state = RepositoryState.load(run.layout)
-        if state.unreadable and not force:
-            names = ", ".join(sorted(state.unreadable)[:3])
-            raise RepositoryError(
-                f"cannot tell which layers are unused while the metadata of "
-                f"{len(state.unreadable)} image(s) cannot be read ({names}): repair them "
-                "(convert them again) or remove them (`lazypod rm`), or give --force")
+        _refuse_unreadable(state, force)
         render_views(state, run, options or ViewOptions())
         _unreachable(state, report, grace_seconds)
         for rel in report.layers + report.flats:
@@ -94,6 +91,15 @@ def collect_garbage(backend: Backend, *, dry_run: bool = False, grace_seconds: f
             run.remove(rel)
         run.commit()
     return report
+
+
+def _refuse_unreadable(state: RepositoryState, force: bool) -> None:
+    if state.unreadable and not force:
+        names = ", ".join(sorted(state.unreadable)[:3])
+        raise RepositoryError(
+            f"cannot tell which layers are unused while the metadata of "
+            f"{len(state.unreadable)} image(s) cannot be read ({names}): repair them "
+            "(convert them again) or remove them (`lazypod rm`), or give --force")
 
 
 def _unreachable(state: RepositoryState, report: GarbageReport, grace_seconds: float) -> None:

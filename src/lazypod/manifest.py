@@ -92,6 +92,8 @@ _HOST_ARCH: dict[str, tuple[str, str | None]] = {
 }
 # Variants that an entry without a variant is taken to be (as containerd/podman do).
 _DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
+# Variants a CPU of a variant also runs, newest first (as containers/image orders them).
+_OLDER_VARIANTS = {"arm": {"v8": ("v7", "v6", "v5"), "v7": ("v6", "v5"), "v6": ("v5",)}}
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,13 @@ class ManifestIndex:
         ]
         default = _DEFAULT_VARIANT.get(wanted.architecture)
         want_variant = wanted.variant or default
-        for entry in candidates:
-            assert entry.platform is not None
-            if (entry.platform.variant or default) == want_variant:
-                return entry
+        # The wanted variant, then the older ones its CPU runs (arm/v7 runs v6 and v5).
+        older = _OLDER_VARIANTS.get(wanted.architecture, {}).get(want_variant or "", ())
+        for variant in (want_variant, *older):
+            for entry in candidates:
+                assert entry.platform is not None
+                if (entry.platform.variant or default) == variant:
+                    return entry
         if candidates and wanted.variant is None:
             return candidates[0]
         offered = ", ".join(sorted({str(d.platform) for d in self.manifests if d.platform}))

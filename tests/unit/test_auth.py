@@ -106,9 +106,6 @@ def test_the_runtime_file_without_xdg_runtime_dir(home: Path) -> None:
     assert files[-2:] == [home / ".config/containers/auth.json", home / ".docker/config.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="auth_files() keeps the default files after "
-                   "$REGISTRY_AUTH_FILE; podman (containers/image getAuthFilePaths) reads "
-                   "only the file the user chose, so a registry missing from it is anonymous")
 def test_registry_auth_file_is_the_only_file_read(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(home / ".docker/config.json", {"auths": {REGISTRY: entry("personal")}})

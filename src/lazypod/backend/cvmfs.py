@@ -126,7 +126,7 @@ class CvmfsBackend:
                 raise RepositoryBusy(f"another lazypod is publishing into "
                                      f"{self.config.repository}; wait for it") from None
             for leftover in work.iterdir():  # killed runs' local files
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover, quiet=True)
             staging = work / f"{os.getpid()}-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o700)
             server = self.server(staging)
@@ -138,7 +138,7 @@ class CvmfsBackend:
                 run.abort_open_transaction()
                 raise
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging, quiet=True)
         finally:
             os.close(lock_fd)
 

@@ -21,14 +21,13 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import faults
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
-from ..fsutil import make_dirs
+from ..fsutil import make_dirs, remove_tree
 from ..layout import LOCK, STAGING, Layout
 from ..overlay import add_whiteouts, unmark_opaque
 from ..repository import LAYER_RECORD, LayerRecord, LayerWhiteouts, read_layer_record
@@ -101,7 +100,7 @@ class DirectoryBackend:
             lock_fd = _lock(root / LOCK)
         except BaseException:
             if created:
-                shutil.rmtree(root, ignore_errors=True)
+                remove_tree(root, quiet=True)
             raise
         try:
             staging_root = root / STAGING
@@ -112,11 +111,11 @@ class DirectoryBackend:
             try:
                 yield run
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging, quiet=True)
                 with contextlib.suppress(OSError):
                     staging_root.rmdir()
                 if created and set(os.listdir(root)) <= {LOCK}:  # the run wrote nothing
-                    shutil.rmtree(root, ignore_errors=True)
+                    remove_tree(root, quiet=True)
         finally:
             os.close(lock_fd)
 
@@ -142,7 +141,7 @@ def _clean_staging(staging_root: Path) -> None:
         return
     for entry in staging_root.iterdir():
         log.info("removing leftovers of an interrupted run: %s", entry)
-        shutil.rmtree(entry, ignore_errors=True)
+        remove_tree(entry, quiet=True)
 
 
 class DirectoryRun:
@@ -208,7 +207,7 @@ class DirectoryRun:
                         os.rename(final, old)
                         os.rename(layer.path, final)
                         layer.path = old
-                    shutil.rmtree(layer.path, ignore_errors=True)
+                    remove_tree(layer.path, quiet=True)
                 else:
                     os.rename(layer.path, final)
                 layer.path = final
@@ -283,7 +282,7 @@ class DirectoryRun:
                     os.rename(final, old)
                     os.rename(temp, final)
                     temp = old
-                shutil.rmtree(temp, ignore_errors=True)
+                remove_tree(temp, quiet=True)
             else:
                 os.rename(temp, final)
 
@@ -297,7 +296,7 @@ class DirectoryRun:
             if path.is_dir() and not path.is_symlink():
                 trash = self._temp("trash")
                 os.rename(path, trash)
-                shutil.rmtree(trash)
+                remove_tree(trash)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -7,7 +7,6 @@ import errno
 import io
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -16,7 +15,7 @@ from isal import igzip
 from ..digest import Digest
 from ..errors import BackendError
 from ..fseval import FsEval
-from ..fsutil import write_new
+from ..fsutil import remove_tree, write_new
 from ..layout import LAYERFS, METADATA
 from ..repository import (
     LAYER_RECORD,
@@ -89,4 +88,4 @@ class LocalLayer:
         self._let_go()
         with contextlib.suppress(Exception):
             self.sink.abandon()
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path, quiet=True)
