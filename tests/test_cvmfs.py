@@ -307,6 +307,7 @@ def test_layers_written_before_are_migrated_by_a_normal_run(
     for key in ("trusted.overlay.opaque", "user.overlay.opaque"):
         os.setxattr(opaque, key, b"y")
     (cvmfs.server_view / rel / ".metadata/opaque-chains.json").unlink()
+    (cvmfs.server_view / ".podmanStore/lazypod-views").unlink()  # older versions: none
     cvmfs.server("publish", cvmfs.name, check=True)
     client = cvmfs.client_view / rel / "layerfs/var/lib/replaced"
     assert sorted(os.listxattr(client)) == ["trusted.overlay.opaque", "user.overlay.opaque"]

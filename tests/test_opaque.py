@@ -70,7 +70,9 @@ def test_an_image_built_on_top_keeps_the_base_files_for_rootless_users(
 
 def old_format(repo: Path, blob_digest: str) -> Path:
     """Make a converted layer look as older lazypod versions wrote it: both markers on
-    its opaque directory, no explicit whiteouts, no record of completed chains."""
+    its opaque directory, no explicit whiteouts, no record of completed chains (and no
+    record of the views' format in the store)."""
+    (repo / ".podmanStore/lazypod-views").unlink()
     layer_dir = repo / ".layers" / blob_digest[7:9] / blob_digest[7:]
     opaque = layer_dir / "layerfs" / OPAQUE_DIR
     for entry in os.listdir(opaque):

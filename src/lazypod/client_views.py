@@ -42,7 +42,7 @@ from .registry import MAX_CONFIG_SIZE, RegistryClient
 from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
 from .views.podman_store import StoreReport, render_image_store
-from .views.scope import scope_for
+from .views.scope import mark_rendered, scope_for
 
 __all__ = ["ClientViewsReport", "build_client_views"]
 
@@ -118,7 +118,9 @@ def build_client_views(
                                           layers_root=layers_root, scope=scope)
         if layer_store:
             report.layer_store = render_layer_store(state, writer, warn, prefix=LAYER_STORE,
-                                                    layers_root=layers_root)
+                                                    layers_root=layers_root, scope=scope)
+        if scope.full and not report.store.kept:
+            mark_rendered(writer, IMAGE_STORE)
         writer.commit()
     report.images = report.store.images
     report.seconds = time.monotonic() - started

@@ -17,7 +17,7 @@ from .flat import FlatReport, render_flat
 from .layer_store import LayerStoreReport, render_layer_store
 from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
-from .scope import FULL, Scope, scope_for
+from .scope import FULL, Scope, mark_rendered, scope_for
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
 
@@ -54,14 +54,16 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
     # Layer content first (opaque completions, flat trees: the cvmfs backend ingests
     # them together), then what readers find images by; the podman store last, as
     # `scope` expects.
-    report.opaque = render_opaque(state, writer, warn)
+    report.opaque = render_opaque(state, writer, warn, scope)
     if options.flat:
         report.flat = render_flat(state, writer, warn, scope)
     writer.settle()
     render_origins(state, writer, scope)
     if options.podman_store:
         report.store = render_image_store(state, writer, warn, scope=scope)
-        report.layer_store = render_layer_store(state, writer, warn)
+        report.layer_store = render_layer_store(state, writer, warn, scope=scope)
+        if scope.full and not report.store.kept:
+            mark_rendered(writer, PODMAN_STORE)
         for name in report.store.kept:
             state.notes.append(f"{name}: could not be rendered now; the podman store keeps "
                                   "its last good entry")

@@ -35,6 +35,7 @@ from ..fsutil import listdir, write_new
 from ..layout import LAYERFS, PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
 from ..repository import LayerRecord, LayerWhiteouts, RepositoryState
+from .scope import FULL, Scope
 
 __all__ = ["LayerStoreReport", "render_layer_store"]
 
@@ -72,26 +73,39 @@ def render_layer_store(
     *,
     prefix: str = PODMAN_LAYERS,
     layers_root: str | None = None,
+    scope: Scope = FULL,
 ) -> LayerStoreReport:
+    """Bring `<prefix>` in line with `state`: an entry for every layer of every image
+    (but those with opaque directories); entries are checked for the images `scope`
+    renders, and made for any layer that has none."""
     public = layers_root or writer.public_root
+    root = writer.layout.root / prefix
+    present = set() if scope.full else set(listdir(root))
     wanted: dict[Digest, tuple[LayerRecord, Descriptor]] = {}
+    settled: set[Digest] = set()  # entries left as they are
     opaque: set[Digest] = set()
     for image in state.images:
+        rendered = scope.renders(image)
         for blob in image.manifest.layers:
             record = state.layer(blob.digest)
             if record is None or not record.complete or blob.is_foreign:
                 continue
             if record.diff_id is None or blob.digest in wanted or blob.digest in opaque:
                 continue
+            if not rendered and f"sha256:{blob.digest.hex}" in present:
+                wanted[blob.digest] = (record, blob)
+                settled.add(blob.digest)
+                continue
             whiteouts = LayerWhiteouts.read(state.layout.layer_dir(blob.digest))
             if whiteouts is not None and whiteouts.opaque_dirs:
                 opaque.add(blob.digest)
                 continue
             wanted[blob.digest] = (record, blob)
-    root = writer.layout.root / prefix
     writer.make_dir(prefix)
     added = 0
     for digest, (record, blob) in wanted.items():
+        if digest in settled:
+            continue
         name = f"sha256:{digest.hex}"
         target = f"{public}/{state.layout.layer_rel(digest)}/{LAYERFS}"
         info = layer_info(record, blob)

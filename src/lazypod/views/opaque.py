@@ -35,6 +35,7 @@ from ..repository import LayerWhiteouts, RepositoryState
 from ..securepath import LayerDir
 from .flat_tree import FlatTree, LayerScan, LayerScans, Node, merge_layers
 from .podman_store import chain_ids
+from .scope import FULL, Scope
 
 __all__ = ["OPAQUE_CHAINS", "OpaqueReport", "missing_whiteouts", "render_opaque"]
 
@@ -59,13 +60,16 @@ class _LayerState:
 
 
 def render_opaque(state: RepositoryState, writer: TreeWriter,
-                  warn: Callable[[str], None]) -> OpaqueReport:
-    """Complete every layer with opaque directories for every chain it is used in."""
+                  warn: Callable[[str], None], scope: Scope = FULL) -> OpaqueReport:
+    """Complete every layer with opaque directories for every chain it is used in (the
+    chains of the images `scope` renders: the others were completed when they were)."""
     report = OpaqueReport()
     layers: dict[Digest, _LayerState] = {}
     scans = LayerScans(writer.layer_dir, ())
     added: dict[Digest, set[bytes]] = {}
     for image in state.images:
+        if not scope.renders(image):
+            continue
         if image.config is None or len(image.config.diff_ids) != len(image.manifest.layers):
             continue
         blobs = image.manifest.layers

@@ -9,9 +9,11 @@ it names with the image's current ID had all of them in place. An image that a
 killed run put into `.metadata` without its views is not named there, and the next
 run renders it.
 
-A full scope checks (and repairs) every view of every image: `lazypod views`,
-`convert -f`/`-g`, runs without a podman store, a store lazypod cannot read, and a
-repository seen at another public root.
+A full scope checks (and repairs) every view of every image: `views --full`,
+`convert -f`/`-g`, runs without a podman store, a store lazypod cannot read, a
+repository seen at another public root, and the first run of a lazypod whose views
+differ from those of the version that wrote the store (`VIEWS_FORMAT`, recorded in
+the store's `lazypod-views` after a full run: a new version migrates every image).
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backend import TreeWriter
+from ..fsutil import read_or_none
 from ..repository import ImageRecord, RepositoryState
 from .store_files import read_store
 
-__all__ = ["Scope", "scope_for"]
+__all__ = ["VIEWS_FORMAT", "Scope", "mark_rendered", "scope_for"]
+
+# Raise it when views change for images already rendered (a new file, a new layout).
+VIEWS_FORMAT = b"lazypod views 1\n"
+_MARK = "lazypod-views"
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ FULL = Scope()
 def scope_for(state: RepositoryState, store_root: Path, public_root: str, *,
               full: bool) -> Scope:
     if full:
+        return FULL
+    if read_or_none(store_root / _MARK) != VIEWS_FORMAT:
         return FULL
     old = read_store(store_root)
     if old.problems or not old.images:
@@ -60,3 +70,8 @@ def scope_for(state: RepositoryState, store_root: Path, public_root: str, *,
         if image.config is not None and image.public_name not in state.touched
         and (image.podman_name, image.config.digest.hex) in pairs)
     return Scope(settled, full=False)
+
+
+def mark_rendered(writer: TreeWriter, store_prefix: str) -> None:
+    """After a full run: the store's images have views of this version's format."""
+    writer.write_file(f"{store_prefix}/{_MARK}", VIEWS_FORMAT)
