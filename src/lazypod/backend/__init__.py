@@ -38,7 +38,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from ..digest import Digest
 from ..layout import Layout
@@ -75,7 +75,8 @@ class TreeSource(Protocol):
     """A whole directory tree to add (a flat image), as files or as a tar stream."""
 
     def materialize(self, dest: Path) -> None: ...
-    def tar_members(self, prefix: str) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]: ...
+    def tar_members(self, prefix: str, defer: Callable[[str, str, Any], bool] | None = None,
+                    ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]: ...
 
 
 class TreeBatch(Protocol):

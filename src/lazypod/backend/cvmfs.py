@@ -36,16 +36,18 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy
-from ..fseval import FsEval, process_fs
+from ..fseval import At, FsEval, process_fs
 from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERFS, LAYERS, METADATA, Layout
 from ..overlay import unmark_opaque
@@ -211,6 +213,8 @@ class CvmfsRun:
         self._waiting: list[Callable[[], None]] = []  # writes that wait for settle()
         self._ingest_parts: list[Iterator[Member]] = []  # whiteouts, flat trees
         self._after_ingest: list[Callable[[], None]] = []
+        self._copies: list[tuple[str, str, int, int, int, int]] = []  # see _chunked_source
+        self._fresh: set[str] = set()
         self._in_transaction = False
 
     @property
@@ -272,6 +276,7 @@ class CvmfsRun:
 
     def settle(self) -> None:
         pending, self._pending = self._pending, {}
+        self._fresh = {digest.hex for digest in pending}  # their files go with this ingest
         parts, self._ingest_parts = self._ingest_parts, []
         plans = [LayerPlan.make(layer.digest, layer.path / LAYERFS)
                  for layer in pending.values()]
@@ -284,6 +289,9 @@ class CvmfsRun:
             self._server.ingest("/", chain(self._skeleton(plans), *(
                 plan.members(f"{self.layout.layer_rel(plan.digest)}/{LAYERFS}")
                 for plan in plans), *parts))
+        copies, self._copies = self._copies, []
+        for copy in copies:
+            self._tx(functools.partial(self._copy_published, *copy))
         for plan in plans:
             if plan.needs_transaction:
                 self._tx(functools.partial(plan.write_xattrs, self.layout.layerfs(plan.digest),
@@ -416,7 +424,38 @@ class CvmfsRun:
         if not len(batch):
             return
         batch.prefetch()
-        self._ingest_parts.append(_flat_members(batch, self._client.root))
+        self._ingest_parts.append(_flat_members(batch, self._client.root, self._chunked_source))
+
+    def _chunked_source(self, name: str, linkname: str, node: Any) -> bool:
+        """A flat tree's file that a hardlink member cannot carry: a published layer
+        file that a transaction stored in chunks (files with xattrs are rewritten by
+        one, and large ones are chunked then); cvmfs_server's ingest copies the entry
+        of a hardlink member but not its chunk list (the copy reads as EIO). Such a
+        file is copied in the transaction instead (`_copy_published`)."""
+        if node.size < _MIN_CHUNKED or node.layer in self._fresh:
+            return False
+        try:
+            chunks = int(os.getxattr(self._client.root / linkname, "user.chunks") or b"1")
+        except (OSError, ValueError):
+            return False
+        if chunks <= 1:
+            return False
+        self._copies.append((name, linkname, node.st_mode, node.uid, node.gid, node.mtime_ns))
+        log.info("%s: published in %d chunks, copied in the transaction", name, chunks)
+        return True
+
+    def _copy_published(self, name: str, source: str, mode: int, uid: int, gid: int,
+                        mtime_ns: int) -> None:
+        dest = self._path(name)
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
+        with open(self._client.root / source, "rb") as src, \
+                open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600), "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            self._fs.chown(At(out.fileno()), uid, gid)  # before the mode: it clears setuid
+            os.fchmod(out.fileno(), stat.S_IMODE(mode))
+        os.utime(dest, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
 class CvmfsStagedLayer(LocalLayer):
@@ -430,7 +469,8 @@ class CvmfsStagedLayer(LocalLayer):
         self._run._add_pending(self)
 
 
-def _flat_members(batch: TreeBatch, published: Path) -> Iterator[Member]:
+def _flat_members(batch: TreeBatch, published: Path,
+                  defer: Callable[[str, str, Any], bool]) -> Iterator[Member]:
     """Each tree with a catalog of its own, each new `.flat/<c2>` too (markers only
     with directories this ingest makes, as `_skeleton` explains)."""
     parents_done: set[str] = set()
@@ -445,7 +485,7 @@ def _flat_members(batch: TreeBatch, published: Path) -> Iterator[Member]:
                 yield info, None
                 yield _marker(f"{parent}/{CATALOG_MARKER}")
         new = not (published / rel).is_dir()
-        yield from tree.tar_members(rel)
+        yield from tree.tar_members(rel, defer)
         if new:
             yield _marker(f"{rel}/{CATALOG_MARKER}")
 
@@ -456,6 +496,10 @@ def _marker(name: str) -> Member:
     info.uname = info.gname = ""
     return info, b""
 
+
+# CVMFS_MIN_CHUNK_SIZE's default: smaller files are never chunked (a repository that sets
+# it lower makes such files reach the check, which asks the client view).
+_MIN_CHUNKED = 4 * 1024 * 1024
 
 # -- file system helpers (inside a transaction) ----------------------------------------------
 

@@ -68,6 +68,8 @@ class Node:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     inode: int = 0  # the source's inode number when it has other links in its layer
     children: dict[bytes, Node] | None = None  # directories of a merged tree
+    size: int = 0  # a file's size
+    origin: bytes = b""  # the first name (walk order) of its inode in its layer, if not path
 
     @property
     def is_dir(self) -> bool:
@@ -89,6 +91,7 @@ def scan_layer(layerfs: Path, digest: Digest, record: LayerWhiteouts | None) -> 
     scan = LayerScan(digest)
     hexdigest = digest.hex
     aufs_meta = b""  # an AUFS bookkeeping directory being skipped
+    first_names: dict[int, bytes] = {}  # inode -> its first name, for hardlink members
     for entry in walk_layer(layerfs, xattrs="special"):
         path = entry.path
         if not path:
@@ -119,6 +122,8 @@ def scan_layer(layerfs: Path, digest: Digest, record: LayerWhiteouts | None) -> 
             xattrs={k: v for k, v in entry.xattrs.items()
                     if not k.startswith(RESERVED_XATTR_PREFIXES)},
             inode=st.st_ino if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) else 0,
+            size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
+            origin=_first_name(first_names, st, path),
         ))
     if record is not None:
         known = set(scan.whiteouts)
@@ -126,6 +131,18 @@ def scan_layer(layerfs: Path, digest: Digest, record: LayerWhiteouts | None) -> 
         known = set(scan.opaque)
         scan.opaque += [o for o in record.opaque_dirs if o not in known]
     return scan
+
+
+def _first_name(first_names: dict[int, bytes], st: os.stat_result, path: bytes) -> bytes:
+    """The name a file's other names follow in its layer's ingest (`cvmfs_plan` walks
+    in the same order and makes the others hardlink members of it), or b"" for the
+    first itself. A flat tree's hardlink member must name that one: a member naming
+    another hardlink member of the same ingest fails it when cvmfs_server happens to
+    clone them in the other order."""
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+        return b""
+    first = first_names.setdefault(st.st_ino, path)
+    return b"" if first == path else first
 
 
 def _opaque_marker(xattrs: dict[str, bytes]) -> bool:
@@ -254,10 +271,13 @@ class FlatTree:
 
     # -- writing as a tar ---------------------------------------------------------
 
-    def tar_members(self, prefix: str) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    def tar_members(self, prefix: str, defer: Callable[[str, str, Node], bool] | None = None,
+                    ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
         """(header, content) for every entry, named under `prefix` (relative to the
         repository root). Files from layers are hardlink members naming the layer's
-        file in the repository: no content is read; made-up files carry theirs."""
+        file in the repository (the first name of its inode there): no content is
+        read; made-up files carry theirs. `defer(name, linkname, node)` may take a
+        layer file out of the tar (the caller writes it some other way)."""
         for rel, node in self.walk():
             info = tarfile.TarInfo(f"{prefix}/{os.fsdecode(rel)}" if rel else prefix)
             kind = stat.S_IFMT(node.st_mode)
@@ -272,7 +292,9 @@ class FlatTree:
                 if node.layer:
                     info.type = tarfile.LNKTYPE
                     info.linkname = os.fsdecode(
-                        f"{self.layer_rels[node.layer]}/".encode() + node.path)
+                        f"{self.layer_rels[node.layer]}/".encode() + (node.origin or node.path))
+                    if defer is not None and defer(info.name, info.linkname, node):
+                        continue
                 else:
                     info.type = tarfile.REGTYPE
                     data = node.data or b""
