@@ -35,7 +35,7 @@ from pathlib import Path
 from .backend.directory import DirectoryBackend, DirectoryRun
 from .digest import Digest
 from .errors import LazypodError
-from .layout import Layout
+from .layout import METADATA, Layout
 from .manifest import ImageConfig
 from .overlay import AUFS_PREFIX
 from .registry import MAX_CONFIG_SIZE, RegistryClient
@@ -98,7 +98,7 @@ def build_client_views(
         log.warning("%s", message)
 
     layout = Layout(repository)
-    if not (repository / ".metadata").is_dir():
+    if not (repository / METADATA).is_dir():
         raise LazypodError(f"{repository} has no .metadata: not a lazypod or DUCC repository")
     state = RepositoryState.load(layout)
     if select:

@@ -27,8 +27,9 @@ from pathlib import Path
 from .. import faults
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy, RepositoryError
+from ..fseval import FsEval, process_fs
 from ..fsutil import make_dirs, remove_tree
-from ..layout import LOCK, STAGING, Layout
+from ..layout import LAYERFS, LOCK, METADATA, STAGING, Layout
 from ..overlay import add_whiteouts, unmark_opaque
 from ..repository import LAYER_RECORD, LayerRecord, LayerWhiteouts, read_layer_record
 from . import TreeBatch
@@ -157,6 +158,7 @@ class DirectoryRun:
         self._pending: dict[Digest, DirectoryStagedLayer] = {}
         self._waiting: list[Callable[[], None]] = []
         self._settles = 0
+        self._fs = process_fs()  # chosen once per run, for every layer it unpacks
 
     def _temp(self, hint: str) -> Path:
         return self._staging / f"{next(self._counter)}-{hint}"
@@ -184,7 +186,8 @@ class DirectoryRun:
             return False  # a damaged record: the layer is fetched again
 
     def stage_layer(self, digest: Digest) -> DirectoryStagedLayer:
-        return DirectoryStagedLayer(self, digest, self._temp(f"layer-{digest.hex[:12]}"))
+        return DirectoryStagedLayer(self, digest, self._temp(f"layer-{digest.hex[:12]}"),
+                                    self._fs)
 
     def layer_dir(self, digest: Digest) -> Path:
         pending = self._pending.get(digest)
@@ -214,7 +217,7 @@ class DirectoryRun:
             if pending:
                 sync_file_system(self.layout.root)  # the files, before the records
             for layer in pending.values():
-                meta = layer.path / ".metadata"
+                meta = layer.path / METADATA
                 faults.reached("layer record")
                 os.replace(meta / PENDING_RECORD, meta / LAYER_RECORD)
         self._settles += 1
@@ -346,12 +349,12 @@ class DirectoryRun:
         """In place: each whiteout hides a name that the chains already published do
         not have below it (that is why it is needed), so no reader sees a change."""
         with _wrap_io(f"layer {layer.short}"):
-            add_whiteouts(self.layer_dir(layer) / "layerfs", paths)
+            add_whiteouts(self.layer_dir(layer) / LAYERFS, paths)
 
     def unmark_opaque(self, layer: Digest, path: bytes) -> None:
         """In place, after the layer's whiteouts (add_whiteouts, called first)."""
         with _wrap_io(f"layer {layer.short}"):
-            unmark_opaque(self.layer_dir(layer) / "layerfs", path)
+            unmark_opaque(self.layer_dir(layer) / LAYERFS, path)
 
 
 @contextlib.contextmanager
@@ -369,8 +372,8 @@ class DirectoryStagedLayer(LocalLayer):
     """Unpacked under the run's staging directory; moved into `.layers/` when the
     run settles."""
 
-    def __init__(self, run: DirectoryRun, digest: Digest, path: Path) -> None:
-        super().__init__(digest, path)
+    def __init__(self, run: DirectoryRun, digest: Digest, path: Path, fs: FsEval) -> None:
+        super().__init__(digest, path, fs=fs)
         self._run = run
 
     def seal(self, record: LayerRecord, whiteouts: LayerWhiteouts) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..backend import TreeWriter
 from ..digest import Digest
-from ..layout import PODMAN_STORE
+from ..layout import METADATA, PODMAN_STORE
 from ..repository import RepositoryState
 from .flat import FlatReport, render_flat
 from .layer_store import LayerStoreReport, render_layer_store
@@ -85,7 +85,7 @@ def render_origins(state: RepositoryState, writer: TreeWriter, scope: Scope = FU
         if not record.complete or not (scope.full or digest in due):
             continue
         data = json.dumps({"origin": sorted(users.get(digest, ()))}, indent=1).encode() + b"\n"
-        rel = f"{state.layout.layer_rel(digest)}/.metadata/origin.json"
+        rel = f"{state.layout.layer_rel(digest)}/{METADATA}/origin.json"
         try:
             if (state.layout.root / rel).read_bytes() == data:
                 continue

@@ -37,7 +37,7 @@ from ..backend import TreeWriter
 from ..digest import Digest
 from ..errors import LazypodError
 from ..fsutil import listdir, read_or_none, write_new
-from ..layout import PODMAN_STORE
+from ..layout import LAYERFS, METADATA, PODMAN_STORE
 from ..manifest import Compression, Descriptor
 from ..reference import parse_reference
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
@@ -258,13 +258,13 @@ def render_image_store(
     for layer in model.layers.values():
         if not scope.full and layer.id in old.layers and layer.id not in model.rendered_layers:
             continue
-        target = f"{public}/{state.layout.layer_rel(layer.record.digest)}/layerfs"
+        target = f"{public}/{state.layout.layer_rel(layer.record.digest)}/{LAYERFS}"
         added += _ensure_layer_dir(writer, root, prefix, layer, target)
         writer.symlink(f"{prefix}/overlay/l/{layer.link}", f"../{layer.id}/diff")
         if layer.record.has_tar_split:
             writer.symlink(
                 f"{prefix}/overlay-layers/{layer.id}.tar-split.gz",
-                f"{public}/{state.layout.layer_rel(layer.record.digest)}/.metadata/{TAR_SPLIT}",
+                f"{public}/{state.layout.layer_rel(layer.record.digest)}/{METADATA}/{TAR_SPLIT}",
             )
     for image in model.images.values():
         image.names.sort()
