@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ _HEX = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-f0-9]+)$")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Digest:
     """A content digest as OCI writes it: `algorithm:hex`."""
 
@@ -30,6 +31,15 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
+        """The digest `text` names; the same object for the same text (a repository
+        names each layer digest in every image that uses it: 10,000 images hold a
+        few thousand distinct ones)."""
+        if cls is Digest:
+            return _parse(text)
+        return cls._parse_new(text)
+
+    @classmethod
+    def _parse_new(cls, text: str) -> Digest:
         match = _DIGEST_RE.match(text)
         if not match:
             raise InvalidReference(f"invalid digest {text!r}: expected sha256:<64 hex digits>")
@@ -55,6 +65,11 @@ class Digest:
     @property
     def short(self) -> str:
         return self.hex[:12]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(text: str) -> Digest:
+    return Digest._parse_new(text)
 
 
 class VerifyingReader:

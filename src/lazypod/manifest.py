@@ -54,7 +54,7 @@ class Compression:
     STORAGE_CODE: Final = MappingProxyType({"none": 0, "gzip": 2, "zstd": 4})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Platform:
     os: str
     architecture: str
@@ -96,7 +96,7 @@ _DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
 _OLDER_VARIANTS = {"arm": {"v8": ("v7", "v6", "v5"), "v7": ("v6", "v5"), "v6": ("v5",)}}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Descriptor:
     media_type: str
     digest: Digest
@@ -135,7 +135,7 @@ class Descriptor:
         return self.media_type in _FOREIGN_TYPES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageManifest:
     raw: bytes
     digest: Digest
@@ -144,7 +144,7 @@ class ImageManifest:
     layers: tuple[Descriptor, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestIndex:
     raw: bytes
     digest: Digest
@@ -215,7 +215,7 @@ def _strip_params(content_type: str | None) -> str | None:
     return content_type.split(";", 1)[0].strip() or None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """The parts of an image config lazypod needs (the raw bytes are kept as fetched)."""
 

@@ -74,7 +74,7 @@ class SourceLocation:
         return f"{self.transport}:{self.path}" + (f":{self.ref}" if self.ref is not None else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageReference:
     """A parsed, normalised image reference."""
 

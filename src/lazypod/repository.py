@@ -66,7 +66,7 @@ class LayerWhiteouts:
                    tuple(os.fsencode(p) for p in obj.get("opaque", [])))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LayerRecord:
     """One directory `.layers/<h2>/<h>`; `digest` is the compressed blob's digest."""
 
@@ -147,7 +147,7 @@ def _stored_config_hex(manifest: Path) -> str | None:
         return "?"  # something is there that is not this image's: do not reuse it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One directory `.metadata/<name>` holding manifest.json (and config.json)."""
 
