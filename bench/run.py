@@ -127,9 +127,20 @@ def main() -> None:
     parser.add_argument("--cvmfs-real", action=argparse.BooleanOptionalAction, default=None,
                         help="the real stratum 0 benchmark (default: when cvmfs_server is "
                              "installed)")
+    parser.add_argument("--scale", type=int, default=0, metavar="N",
+                        help="also the scale benchmark with N images (bench/scale.py; "
+                             "10000 takes about 10 minutes)")
+    parser.add_argument("--scale-rtt", type=float, default=0.05, metavar="SECONDS",
+                        help="round-trip time of the scale benchmark's no-op update")
+    parser.add_argument("--scale-only", action="store_true", help="only the scale benchmark")
     args = parser.parse_args()
     import cvmfs  # bench/cvmfs.py
     import cvmfs_real  # bench/cvmfs_real.py
+    import scale  # bench/scale.py
+
+    if args.scale_only:
+        _write_results([scale.main(args.scale or 1000, args.scale_rtt)])
+        return
 
     sections = [] if args.cvmfs_only else [podman_comparison(args)]
     if args.big_layer_mib and not args.cvmfs_only:
@@ -140,6 +151,12 @@ def main() -> None:
     real = cvmfs_real.available() if args.cvmfs_real is None else args.cvmfs_real
     if real:
         sections.append(with_bench_image(cvmfs_real.main))
+    if args.scale:
+        sections.append(scale.main(args.scale, args.scale_rtt))
+    _write_results(sections)
+
+
+def _write_results(sections: list[str]) -> None:
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / "latest.md").write_text("\n\n".join(sections) + "\n")

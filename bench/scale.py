@@ -1,6 +1,6 @@
 """Scale: a production-sized wishlist, on a synthetic registry with real latency.
 
-    bench/run.sh --scale [--scale-images 1000] [--scale-rtt 0.05]
+    bench/run.sh --scale-only --scale 10000 [--scale-rtt 0.05]   (or --scale N with the rest)
 
 N images of 3 layers (a base shared by all, a layer shared by groups of 10, one of
 its own) in 100 repositories, served by `synthetic_registry` behind Docker Hub's
