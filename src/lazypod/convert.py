@@ -336,6 +336,7 @@ class _Pipeline:
                 layer.staged.commit()
                 self._state.put_layer(layer.record)
                 self._committed[digest] = names.metadata
+                self._layers.pop(digest, None)  # `_committed` answers for it from now on
                 result.fetched_layers += 1
                 result.fetched_bytes += layer.compressed_size
                 self._bytes += layer.compressed_size
