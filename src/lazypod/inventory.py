@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import PODMAN_LAYERS, PODMAN_STORE
+from .fsutil import listdir
+from .layout import FLAT, PODMAN_LAYERS, PODMAN_STORE
 from .repository import RepositoryState
 from .views.store_files import read_store
 
@@ -45,6 +47,10 @@ class ImageRow:
 def list_images(state: RepositoryState) -> list[ImageRow]:
     root = state.layout.root
     store_names = read_store(root / PODMAN_STORE).names()
+    # One listing per directory, not a stat per image and layer (10,000s of them); a
+    # layer store entry is put in place whole (`replace_dir`).
+    in_layer_store = set(listdir(root / PODMAN_LAYERS))
+    flat_trees = _flat_trees(state)
     rows = []
     for image in state.images:
         layers = [b for b in image.manifest.layers if not b.is_foreign]
@@ -67,10 +73,8 @@ def list_images(state: RepositoryState) -> list[ImageRow]:
             complete=complete,
             in_store=image.podman_name in store_names,
             in_layer_store=bool(layers) and all(
-                (root / PODMAN_LAYERS / f"sha256:{b.digest.hex}" / "diff").is_symlink()
-                for b in layers),
-            flat=image.config is not None
-            and (state.layout.flat_dir(image.config.digest) / ".singularity.d").is_dir(),
+                f"sha256:{b.digest.hex}" in in_layer_store for b in layers),
+            flat=image.config is not None and image.config.digest.hex in flat_trees,
             problem=problem,
         ))
     for name, why in sorted(state.unreadable.items()):
@@ -79,3 +83,16 @@ def list_images(state: RepositoryState) -> list[ImageRow]:
                              in_layer_store=False, flat=False,
                              problem=f"metadata unreadable: {why}"))
     return rows
+
+
+def _flat_trees(state: RepositoryState) -> set[str]:
+    """Config digests (hex) with a complete flat tree: `.flat/<c2>/<c>/.singularity.d`
+    (written last), looked up one `.flat/<c2>` listing at a time."""
+    found: set[str] = set()
+    flat_root = os.path.join(state.layout.root, FLAT)
+    for prefix in listdir(flat_root):
+        parent = os.path.join(flat_root, prefix)
+        for name in listdir(parent):
+            if os.path.isdir(os.path.join(parent, name, ".singularity.d")):
+                found.add(name)
+    return found

@@ -179,11 +179,12 @@ class ManifestIndex:
 
 
 def parse_manifest(
-    raw: bytes, content_type: str | None, digest: Digest
+    raw: bytes, content_type: str | None, digest: Digest, *, decoded: Any = None
 ) -> ImageManifest | ManifestIndex:
-    """Parse raw manifest bytes into an ImageManifest or a ManifestIndex."""
+    """Parse raw manifest bytes into an ImageManifest or a ManifestIndex (`decoded`:
+    `raw` already decoded by the caller, to spare decoding it twice)."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw) if decoded is None else decoded
     except ValueError as exc:
         raise UnsupportedImage(f"manifest {digest} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

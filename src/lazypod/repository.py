@@ -247,12 +247,12 @@ class RepositoryState:
             (i for i in self.images if i.podman_name == ref.podman_name), None)
 
 
-def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
+def read_layer_record(layer_dir: Path | str, digest: Digest) -> LayerRecord:
     """The layer's record; a missing one means incomplete, an unusable one damaged
     (never an exception: whatever a file holds, the caller gets an answer)."""
-    meta = layer_dir / METADATA
+    meta = os.path.join(layer_dir, METADATA)  # strings: a repository has 10,000s of these
     try:
-        raw = (meta / LAYER_RECORD).read_bytes()
+        raw = _read(os.path.join(meta, LAYER_RECORD))
     except FileNotFoundError:
         return LayerRecord(digest, complete=False)
     except OSError as exc:
@@ -275,21 +275,27 @@ def read_layer_record(layer_dir: Path, digest: Digest) -> LayerRecord:
             created=str(created) if created is not None else None,
             uidset=tuple(int(u) for u in entry.get("uidset") or ()),
             gidset=tuple(int(g) for g in entry.get("gidset") or ()),
-            has_tar_split=(meta / TAR_SPLIT).exists(),
+            has_tar_split=os.path.exists(os.path.join(meta, TAR_SPLIT)),
         )
     except (ValueError, KeyError, TypeError, LazypodError) as exc:
         return LayerRecord(digest, complete=False, damaged=f"{LAYER_RECORD} is damaged ({exc})")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
     for prefix in listdir(layers_root):
         if len(prefix) != 2:
             continue
-        for name in listdir(layers_root / prefix):
+        parent = os.path.join(layers_root, prefix)
+        for name in listdir(parent):
             if len(name) != 64 or not name.startswith(prefix):
                 continue
             digest = Digest("sha256", name)
-            yield digest, read_layer_record(layers_root / prefix / name, digest)
+            yield digest, read_layer_record(os.path.join(parent, name), digest)
 
 
 def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
@@ -304,13 +310,13 @@ def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
 
 
 def _load_image(layout: Layout, rel: str) -> ImageRecord:
-    directory = layout.root / METADATA / rel
-    raw = (directory / "manifest.json").read_bytes()
+    directory = os.path.join(layout.root, METADATA, rel)
+    raw = _read(os.path.join(directory, "manifest.json"))
     manifest = _parse_stored_manifest(raw)
     reference, link = _reference_for(layout, rel, manifest)
     config: ImageConfig | None = None
     with contextlib.suppress(FileNotFoundError):
-        config_raw = (directory / "config.json").read_bytes()
+        config_raw = _read(os.path.join(directory, "config.json"))
         config_digest = Digest.of(config_raw, manifest.config.digest.algorithm)
         if config_digest == manifest.config.digest:
             config = ImageConfig.parse(config_raw, config_digest)
@@ -318,7 +324,7 @@ def _load_image(layout: Layout, rel: str) -> ImageRecord:
             log.warning("%s: config.json does not match the manifest's config; ignoring it", rel)
     index: ManifestIndex | None = None
     with contextlib.suppress(FileNotFoundError):
-        index_raw = (directory / "index.json").read_bytes()
+        index_raw = _read(os.path.join(directory, "index.json"))
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
@@ -332,7 +338,7 @@ def _parse_stored_manifest(raw: bytes) -> ImageManifest:
     if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
         obj = _lower_keys(obj)
         raw = json.dumps(obj, separators=(",", ":")).encode()
-    parsed = parse_manifest(raw, None, Digest.of(raw))
+    parsed = parse_manifest(raw, None, Digest.of(raw), decoded=obj)
     if not isinstance(parsed, ImageManifest):
         raise ValueError("manifest.json holds an index, not an image manifest")
     return parsed
