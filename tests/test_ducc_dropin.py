@@ -275,6 +275,30 @@ def test_wildcards_in_convert_single_image(registry, lazypod, repo):
     assert names == [f"{registry.host}/ducc/wild:v1.0", f"{registry.host}/ducc/wild:v1.1"]
 
 
+def test_skip_podman_runs_render_what_changed_and_complete_what_a_kill_left(
+        registry, lazypod, repo):
+    """DUCC's usual `--skip-podman` runs: without a podman store, the public links tell
+    which images are rendered; an image whose link a killed run did not write (its
+    views half done) is completed by the next run, about another image."""
+    first = registry.push("ducc/links", "1", small_image("links1"))
+    lazypod.convert(first, repo, "--skip-podman")
+    link = repo / first
+    target = os.readlink(link)
+    origins = sorted(repo.glob(".layers/*/*/.metadata/origin.json"))
+    link.unlink()  # as a run killed before its links and origins leaves it
+    for origin in origins:
+        origin.unlink()
+
+    second = registry.push("ducc/links", "2", small_image("links2"))
+    lazypod.convert(second, repo, "--skip-podman")
+    assert os.readlink(link) == target
+    assert os.readlink(repo / second).startswith("../")
+    users = [json.loads(o.read_text())["origin"] for o in origins]
+    assert sorted(users) == sorted([[first], sorted([first, second])]), users
+    assert (repo / ".metadata/.lazypod-views").exists()
+    assert not (repo / ".podmanStore").exists()
+
+
 def test_overwrite_layers_repairs_a_layer_damaged_on_disk(registry, lazypod, repo):
     img = small_image("overwrite")
     name = registry.push("ducc/overwrite", "1", img)

@@ -13,11 +13,11 @@ from ..backend import TreeWriter
 from ..digest import Digest
 from ..layout import METADATA, PODMAN_STORE
 from ..repository import RepositoryState
-from .flat import FlatReport, render_flat
+from .flat import FlatReport, render_flat, write_links
 from .layer_store import LayerStoreReport, render_layer_store
 from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
-from .scope import FULL, Scope, mark_rendered, scope_for
+from .scope import FULL, Scope, mark_rendered, scope_by_links, scope_for
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
 
@@ -49,21 +49,29 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
 
     for problem in state.problems:
         warn(problem)
-    scope = scope_for(state, writer.layout.root / PODMAN_STORE, writer.public_root,
-                      full=options.full or not options.podman_store)
+    if options.podman_store:
+        scope = scope_for(state, writer.layout.root / PODMAN_STORE, writer.public_root,
+                          full=options.full)
+    else:
+        scope = scope_by_links(state, full=options.full or not options.flat)
     # Layer content first (opaque completions, flat trees: the cvmfs backend ingests
-    # them together), then what readers find images by; the podman store last, as
-    # `scope` expects.
+    # them together), then origins, then what readers find images by: the public
+    # links, and the podman store last, as `scope` expects.
     report.opaque = render_opaque(state, writer, warn, scope)
     if options.flat:
         report.flat = render_flat(state, writer, warn, scope)
     writer.settle()
     render_origins(state, writer, scope)
+    if report.flat is not None:
+        write_links(writer, report.flat)
     if options.podman_store:
         report.store = render_image_store(state, writer, warn, scope=scope)
         report.layer_store = render_layer_store(state, writer, warn, scope=scope)
         if scope.full and not report.store.kept:
             mark_rendered(writer, PODMAN_STORE)
+    elif scope.full and not state.unreadable:
+        mark_rendered(writer, METADATA)
+    if report.store is not None:
         for name in report.store.kept:
             state.notes.append(f"{name}: could not be rendered now; the podman store keeps "
                                   "its last good entry")

@@ -18,16 +18,17 @@ import json
 import shlex
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..manifest import ImageConfig
 from ..repository import ImageRecord, RepositoryState
 from .flat_tree import FlatTree, LayerScans, Node, OpenLayers, build_tree
-from .scope import FULL, Scope
+from .scope import FULL, Scope, link_target
 
-__all__ = ["FlatBatch", "FlatReport", "apptainer_files", "render_flat"]
+__all__ = ["FlatBatch", "FlatReport", "apptainer_files", "link_target", "render_flat",
+           "write_links"]
 
 
 # -- Apptainer / Singularity ---------------------------------------------------------------
@@ -100,7 +101,7 @@ def add_apptainer_metadata(tree: FlatTree, config: ImageConfig) -> None:
 class FlatReport:
     images: int = 0
     added: int = 0
-    links: int = 0
+    links: list[tuple[str, str]] = field(default_factory=list)  # (link, target) to write
 
 
 class FlatBatch:
@@ -175,12 +176,15 @@ def render_flat(
             continue
         if not scope.renders(image) and state.layout.flat_rel(image.config.digest) not in added:
             continue
-        link = image.link
-        depth = link.count("/")
-        target = "../" * depth + state.layout.flat_rel(image.config.digest)
-        writer.symlink(link, target)
-        report.links += 1
+        report.links.append((image.link, link_target(state, image)))
     return report
+
+
+def write_links(writer: TreeWriter, report: FlatReport) -> None:
+    """The public links `render_flat` found due: last but the podman store, since the
+    scope of a run without one reads them (`scope`)."""
+    for link, target in report.links:
+        writer.symlink(link, target)
 
 
 def _why_no_flat(state: RepositoryState, image: ImageRecord) -> str | None:

@@ -9,11 +9,16 @@ it names with the image's current ID had all of them in place. An image that a
 killed run put into `.metadata` without its views is not named there, and the next
 run renders it.
 
+A run without a podman store (DUCC's `--skip-podman`) asks the public links
+instead, which it writes last (`scope_by_links`); one with neither store nor flat
+trees renders everything (origins and opaque completions: little).
+
 A full scope checks (and repairs) every view of every image: `views --full`,
-`convert -f`/`-g`, runs without a podman store, a store lazypod cannot read, a
-repository seen at another public root, and the first run of a lazypod whose views
+`convert -f`/`-g`, a store lazypod cannot read, a repository seen at another public
+root, and the first run of a lazypod whose views
 differ from those of the version that wrote the store (`VIEWS_FORMAT`, recorded in
-the store's `lazypod-views` after a full run: a new version migrates every image).
+the store's `lazypod-views`, or `.metadata/.lazypod-views`, after a full run: a new
+version migrates every image).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from pathlib import Path
 
 from ..backend import TreeWriter
 from ..fsutil import read_or_none
+from ..layout import METADATA
 from ..repository import ImageRecord, RepositoryState
 from .store_files import read_store
 
-__all__ = ["VIEWS_FORMAT", "Scope", "mark_rendered", "scope_for"]
+__all__ = ["VIEWS_FORMAT", "Scope", "link_target", "mark_rendered", "scope_by_links",
+           "scope_for"]
 
 # Raise it when views change for images already rendered (a new file, a new layout).
 VIEWS_FORMAT = b"lazypod views 1\n"
@@ -63,15 +70,44 @@ def scope_for(state: RepositoryState, store_root: Path, public_root: str, *,
         if not target.startswith(f"{public_root.rstrip('/')}/"):
             return FULL
         break
-    pairs = {(name, image_id) for image_id, entry in old.images.items()
+    # By name, ID and manifest: an image pushed again with the same config and other
+    # layer blobs (recompressed) has the same ID and must be rendered again.
+    known = {(name, image_id, entry.get("digest")) for image_id, entry in old.images.items()
              for name in entry.get("names", ()) if isinstance(name, str)}
     settled = frozenset(
         image.public_name for image in state.images
         if image.config is not None and image.public_name not in state.touched
-        and (image.podman_name, image.config.digest.hex) in pairs)
+        and (image.podman_name, image.config.digest.hex, str(image.manifest.digest)) in known)
     return Scope(settled, full=False)
 
 
-def mark_rendered(writer: TreeWriter, store_prefix: str) -> None:
-    """After a full run: the store's images have views of this version's format."""
-    writer.write_file(f"{store_prefix}/{_MARK}", VIEWS_FORMAT)
+def link_target(state: RepositoryState, image: ImageRecord) -> str:
+    """Where the public link `<registry>/<repository>:<tag>` points: its flat tree."""
+    assert image.config is not None
+    return "../" * image.link.count("/") + state.layout.flat_rel(image.config.digest)
+
+
+def scope_by_links(state: RepositoryState, *, full: bool) -> Scope:
+    """For runs without a podman store (DUCC's `--skip-podman`): the public links,
+    written after every other view of their images, tell the same (a link that
+    points at the image's flat tree); the format is recorded in `.metadata`."""
+    root = state.layout.root
+    if full or read_or_none(root / METADATA / ("." + _MARK)) != VIEWS_FORMAT:
+        return FULL
+    settled = set()
+    for image in state.images:
+        if image.config is None or image.public_name in state.touched:
+            continue
+        try:
+            if os.readlink(root / image.link) == link_target(state, image):
+                settled.add(image.public_name)
+        except OSError:
+            continue
+    return Scope(frozenset(settled), full=False)
+
+
+def mark_rendered(writer: TreeWriter, prefix: str) -> None:
+    """After a full run: the views of the images are of this version's format (in a
+    podman store, or in `.metadata` for a repository without one)."""
+    name = _MARK if prefix != METADATA else "." + _MARK  # hidden where DUCC reads
+    writer.write_file(f"{prefix}/{name}", VIEWS_FORMAT)
