@@ -276,7 +276,7 @@ def render_image_store(
         if lid in layer_entries and isinstance(entry.get("created"), str):
             layer_entries[lid]["created"] = entry["created"]  # keep the first publication time
     layer_entries.update(kept_layers)
-    image_entries = [image.entry() for image in model.images.values()]
+    image_entries = [_entry(image, old, model, scope) for image in model.images.values()]
     image_entries += list(kept_images.values())
     stale_layers = set(old.layers) - set(layer_entries)
 
@@ -310,6 +310,18 @@ def render_image_store(
         warn(f"podman store: kept the last good entry of {name}")
     return StoreReport(len(model.images) + len(kept_images), len(layer_entries), added,
                        len(stale_layers), model.skipped, kept)
+
+
+def _entry(image: StoreImage, old: StoreFiles, model: StoreModel, scope: Scope
+           ) -> dict[str, Any]:
+    """The image's record: the one the store has when the scope leaves the image as it
+    is (the same names and manifest), else made anew (its big-data digests hashed)."""
+    if not scope.full and image.id not in model.rendered_images:
+        entry = old.images.get(image.id)
+        if entry is not None and entry.get("names") == image.names and \
+                entry.get("digest") == image.digest:
+            return entry
+    return image.entry()
 
 
 def _carry_over(model: StoreModel, old: StoreFiles, root: Path
