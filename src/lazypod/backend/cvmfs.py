@@ -47,7 +47,7 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import BackendError, RepositoryBusy
-from ..fseval import At, FsEval, process_fs
+from ..fseval import At, FsEval, Meta, process_fs
 from ..fsutil import make_dirs, remove_tree
 from ..layout import FLAT, LAYERFS, LAYERS, METADATA, Layout
 from ..overlay import unmark_opaque
@@ -453,9 +453,10 @@ class CvmfsRun:
                 open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              0o600), "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
-            self._fs.chown(At(out.fileno()), uid, gid)  # before the mode: it clears setuid
-            os.fchmod(out.fileno(), stat.S_IMODE(mode))
-        os.utime(dest, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            out.flush()  # before the times are set
+            self._fs.apply_meta(At(out.fileno()),
+                                Meta(stat.S_IMODE(mode), uid, gid, mtime_ns, mtime_ns, {}),
+                                name, ours=True, created=0o600, warn=None)
 
 
 class CvmfsStagedLayer(LocalLayer):
