@@ -43,6 +43,7 @@ from .repository import LayerRecord, LayerWhiteouts, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
 from .views.podman_store import StoreReport, render_image_store
 from .views.scope import mark_rendered, scope_for
+from .views.store_files import read_store
 
 __all__ = ["ClientViewsReport", "build_client_views"]
 
@@ -113,9 +114,11 @@ def build_client_views(
         _complete_layer_records(state, report)
         _scan_for_aufs(state, writer, report)
         layers_root = public_root or str(repository.absolute())
-        scope = scope_for(state, into / IMAGE_STORE, layers_root, full=full)
+        old_store = read_store(into / IMAGE_STORE)
+        scope = scope_for(state, into / IMAGE_STORE, old_store, layers_root, full=full)
         report.store = render_image_store(state, writer, warn, prefix=IMAGE_STORE,
-                                          layers_root=layers_root, scope=scope)
+                                          layers_root=layers_root, scope=scope,
+                                          old=old_store)
         if layer_store:
             report.layer_store = render_layer_store(state, writer, warn, prefix=LAYER_STORE,
                                                     layers_root=layers_root, scope=scope)

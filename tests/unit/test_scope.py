@@ -13,7 +13,8 @@ from helpers import HOST, FakeRegistry, convert
 from lazypod import ConvertOptions, Layout
 from lazypod.repository import RepositoryState
 from lazypod.views import ViewOptions
-from lazypod.views.scope import scope_by_links, scope_for
+from lazypod.views.scope import Scope, scope_by_links, scope_for
+from lazypod.views.store_files import read_store
 from support.images import Entry, image, layer
 
 BASE = layer([Entry("etc/", "dir"), Entry("etc/os-release", data=b"ID=test\n")])
@@ -30,7 +31,8 @@ def two_images(root: Path, *, store: bool = True) -> tuple[str, str]:
 
 def store_scope(root: Path):
     state = RepositoryState.load(Layout(root))
-    return state, scope_for(state, root / ".podmanStore", str(root), full=False)
+    store = root / ".podmanStore"
+    return state, scope_for(state, store, read_store(store), str(root), full=False)
 
 
 def test_a_complete_repository_renders_nothing_again(tmp_path: Path) -> None:
@@ -68,7 +70,8 @@ def test_what_a_run_put_is_rendered(tmp_path: Path) -> None:
     a, _ = two_images(tmp_path)
     state = RepositoryState.load(Layout(tmp_path))
     state.put_image(state.images[0])
-    scope = scope_for(state, tmp_path / ".podmanStore", str(tmp_path), full=False)
+    store = tmp_path / ".podmanStore"
+    scope = scope_for(state, store, read_store(store), str(tmp_path), full=False)
     assert [image.public_name for image in state.images if scope.renders(image)] == [a]
 
 
@@ -76,14 +79,18 @@ def test_every_image_when_the_store_cannot_tell(tmp_path: Path) -> None:
     two_images(tmp_path)
     state = RepositoryState.load(Layout(tmp_path))
     store = tmp_path / ".podmanStore"
-    assert scope_for(state, store, str(tmp_path), full=True).full  # -f, -g, views --full
-    assert scope_for(state, store, "/elsewhere", full=False).full  # another public root
+
+    def scope(public_root: str = str(tmp_path), *, full: bool = False) -> Scope:
+        return scope_for(state, store, read_store(store), public_root, full=full)
+
+    assert scope(full=True).full  # -f, -g, views --full
+    assert scope("/elsewhere").full  # another public root
     (store / "lazypod-views").write_bytes(b"lazypod views 0\n")  # an older version's
-    assert scope_for(state, store, str(tmp_path), full=False).full
+    assert scope().full
     (store / "lazypod-views").unlink()
-    assert scope_for(state, store, str(tmp_path), full=False).full
+    assert scope().full
     (store / "overlay-images/images.json").write_text("{garbage")
-    assert scope_for(state, store, str(tmp_path), full=False).full
+    assert scope().full
 
 
 def test_without_a_store_the_public_links_tell(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from .layer_store import LayerStoreReport, render_layer_store
 from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
 from .scope import FULL, Scope, mark_rendered, scope_by_links, scope_for
+from .store_files import read_store
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
 
@@ -49,8 +50,10 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
 
     for problem in state.problems:
         warn(problem)
-    if options.podman_store:
-        scope = scope_for(state, writer.layout.root / PODMAN_STORE, writer.public_root,
+    store_root = writer.layout.root / PODMAN_STORE
+    old_store = read_store(store_root) if options.podman_store else None
+    if old_store is not None:
+        scope = scope_for(state, store_root, old_store, writer.public_root,
                           full=options.full)
     else:
         scope = scope_by_links(state, full=options.full or not options.flat)
@@ -65,7 +68,7 @@ def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOption
     if report.flat is not None:
         write_links(writer, report.flat)
     if options.podman_store:
-        report.store = render_image_store(state, writer, warn, scope=scope)
+        report.store = render_image_store(state, writer, warn, scope=scope, old=old_store)
         report.layer_store = render_layer_store(state, writer, warn, scope=scope)
         if scope.full and not report.store.kept:
             mark_rendered(writer, PODMAN_STORE)

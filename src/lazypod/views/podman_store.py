@@ -235,18 +235,20 @@ def render_image_store(
     prefix: str = PODMAN_STORE,
     layers_root: str | None = None,
     scope: Scope = FULL,
+    old: StoreFiles | None = None,
 ) -> StoreReport:
     """Bring `<prefix>` (under the writer's root) in line with `state`: its records
     for every image, the directories of the images and layers `scope` renders and of
     any the records did not hold yet.
 
     `layers_root` is the absolute path at which podman will find the repository's
-    `.layers` (default: the writer's public root), for stores built elsewhere.
+    `.layers` (default: the writer's public root), for stores built elsewhere; `old`:
+    the store's records, when the caller has read them already.
     """
     model = build_store_model(state, warn, scope)
     root = writer.layout.root / prefix
     public = layers_root or writer.public_root
-    old = read_store(root)
+    old = read_store(root) if old is None else old
     for problem in old.problems:
         warn(f"podman store: {problem}: rewriting it")
     kept_images, kept_layers = _carry_over(model, old, root)

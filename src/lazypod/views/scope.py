@@ -31,7 +31,7 @@ from ..backend import TreeWriter
 from ..fsutil import read_or_none
 from ..layout import METADATA
 from ..repository import ImageRecord, RepositoryState
-from .store_files import read_store
+from .store_files import StoreFiles
 
 __all__ = ["VIEWS_FORMAT", "Scope", "link_target", "mark_rendered", "scope_by_links",
            "scope_for"]
@@ -53,13 +53,14 @@ class Scope:
 FULL = Scope()
 
 
-def scope_for(state: RepositoryState, store_root: Path, public_root: str, *,
-              full: bool) -> Scope:
+def scope_for(state: RepositoryState, store_root: Path, old: StoreFiles, public_root: str,
+              *, full: bool) -> Scope:
+    """`old`: the store's records as the run found them (`read_store(store_root)`, read
+    once for this and for rendering the store)."""
     if full:
         return FULL
     if read_or_none(store_root / _MARK) != VIEWS_FORMAT:
         return FULL
-    old = read_store(store_root)
     if old.problems or not old.images:
         return FULL
     for layer_id in old.layers:  # a store written for another public root: relink all
