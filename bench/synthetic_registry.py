@@ -64,7 +64,10 @@ def _layer(raw: bytes) -> tuple[_Blob, str]:
 
 
 class SyntheticRegistry:
-    def __init__(self, *, images: int, repositories: int = 100, rtt: float = 0.0) -> None:
+    def __init__(self, *, images: int, repositories: int = 100, rtt: float = 0.0,
+                 port: int = 0) -> None:
+        """`port`: 0 for any; a fixed one serves a kept repository's images again (their
+        names hold the registry's address, and the content is the same every time)."""
         self.rtt = rtt
         self.requests = 0
         self._blobs: dict[str, _Blob] = {}
@@ -78,7 +81,7 @@ class SyntheticRegistry:
         self._add(base)
         groups: dict[int, tuple[_Blob, str]] = {}
         self.names: list[str] = []
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.registry = self
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
         for i in range(images):

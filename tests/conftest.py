@@ -19,6 +19,20 @@ from support.registry import Registry
 LAZYPOD = str(Path(sys.executable).with_name("lazypod"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def record_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run's record caches (lazypod's, in-process and in its commands) in a
+    directory of the run's own, not in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("record-cache")
+    saved = os.environ.get("LAZYPOD_CACHE_DIR")
+    os.environ["LAZYPOD_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("LAZYPOD_CACHE_DIR", None)
+    else:
+        os.environ["LAZYPOD_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = Registry(tmp_path_factory.mktemp("registry"))

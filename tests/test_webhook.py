@@ -684,10 +684,11 @@ def test_the_units_say_what_a_publisher_needs():
 @pytest.mark.parametrize("unit", ["lazypod-loop.service", "lazypod-webhook.service"])
 def test_the_units_command_lines_parse_as_lazypod_commands(unit, tmp_path):
     from lazypod.cli import main
+    from lazypod.cli.app import COMMANDS  # commands are loaded when named
 
     argv = expand(units()[unit]["Service"]["ExecStart"], sample_env(tmp_path))
     assert Path(argv[0]).name == "lazypod"
-    at = next(i for i, word in enumerate(argv) if word in main.commands)
+    at = next(i for i, word in enumerate(argv) if word in COMMANDS)
     name, rest = argv[at], argv[at + 1:]
     assert name == unit.split("-")[1].split(".")[0]
     with main.make_context("lazypod", argv[1:at + 1]) as ctx:

@@ -24,8 +24,8 @@ from typing import Any
 import fastcrc
 
 from .errors import LazypodError
-from .fsutil import read_or_none
 from .layout import LAYERFS, METADATA, PODMAN_LAYERS, PODMAN_STORE, STAGING, Layout
+from .record_cache import RecordCache, paused_gc
 from .repository import TAR_SPLIT, LayerRecord, RepositoryState
 from .securepath import LayerDir, clean_member_name, display
 from .views.podman_store import big_data_file_name, build_store_model
@@ -52,8 +52,15 @@ def check_repository(
     root: Path, *, deep: bool = False, public_root: str | None = None,
     on_layer: Callable[[str], None] | None = None,
 ) -> CheckReport:
+    with paused_gc():  # tens of thousands of records and entries, and no cycles
+        return _check(root, deep, public_root, on_layer)
+
+
+def _check(root: Path, deep: bool, public_root: str | None,
+           on_layer: Callable[[str], None] | None) -> CheckReport:
     layout = Layout(root)
-    state = RepositoryState.load(layout)
+    cache = RecordCache(root)
+    state = RepositoryState.load(layout, cache)
     report = CheckReport(images=len(state.images) + len(state.unreadable),
                          layers=len(state.layers))
     report.errors += state.problems
@@ -79,14 +86,14 @@ def check_repository(
                 report.errors.append(f"{name}: layer {blob.digest.short} has diff ID "
                                      f"{record.diff_id}, the config says "
                                      f"{image.config.diff_ids[index]}")
-        link = root / image.link
-        if link.is_symlink() and not link.resolve().is_dir():
+        link = f"{root}/{image.link}"
+        if os.path.islink(link) and not os.path.isdir(link):
             report.errors.append(f"{name}: public link {os.readlink(link)} is dangling")
 
     for digest, record in state.layers.items():
         if not record.complete:
             continue
-        if not state.layout.layerfs(digest).is_dir():
+        if not os.path.isdir(f"{root}/{state.layout.layer_rel(digest)}/{LAYERFS}"):
             report.errors.append(f"layer {digest.short}: no layerfs directory")
         elif deep:
             if on_layer:
@@ -98,8 +105,9 @@ def check_repository(
                 report.verified_layers += 1
                 report.verified_bytes += record.diff_size or 0
 
-    _check_store(state, public, report)
+    _check_store(state, public, report, cache)
     _check_layer_store(root, public, report)
+    cache.save()
     _check_mount(root, report)
     if (root / STAGING).exists():
         report.warnings.append(f"{STAGING} exists: a run is going on, or one was killed "
@@ -107,14 +115,15 @@ def check_repository(
     return report
 
 
-def _local(target: str, public: str, root: Path) -> Path:
+def _local(target: str, public: str, root: Path) -> str:
     """Where a link into the repository, written for clients, points on this machine."""
     if target.startswith(public + "/"):
-        return root / target[len(public) + 1 :]
-    return Path(target)
+        return f"{root}/{target[len(public) + 1 :]}"
+    return target
 
 
-def _check_store(state: RepositoryState, public: str, report: CheckReport) -> None:
+def _check_store(state: RepositoryState, public: str, report: CheckReport,
+                 cache: RecordCache) -> None:
     """What podman sees: every image the repository should offer is offered, and
     every store entry is one podman accepts."""
     root = state.layout.root
@@ -148,9 +157,9 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport) -> No
         if store.chain(entry.get("layer")) is None:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]} needs a layer that "
                                  "layers.json lacks (podman refuses it)")
-        _check_big_data(store_root, image_id, entry, report)
+        _check_big_data(store_root, image_id, entry, report, cache)
     for layer_id in store.layers:
-        diff = store_root / "overlay" / layer_id / "diff"
+        diff = f"{store_root}/overlay/{layer_id}/diff"
         try:
             target = os.readlink(diff)
         except OSError:
@@ -159,20 +168,20 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport) -> No
         if not target.startswith("/"):
             report.errors.append(f"{PODMAN_STORE}: layer {layer_id[:12]} diff link is "
                                  "relative (containers/storage wants it absolute)")
-        elif not _local(target, public, root).is_dir():
+        elif not os.path.isdir(_local(target, public, root)):
             report.errors.append(f"{PODMAN_STORE}: layer {layer_id[:12]} diff link {target} "
                                  "leads nowhere")
 
 
 def _check_big_data(store_root: Path, image_id: str, entry: dict[str, Any],
-                    report: CheckReport) -> None:
+                    report: CheckReport, cache: RecordCache) -> None:
+    """Each big-data file has its digest (hashed once; then while its `stat` holds)."""
     digests = entry.get("big-data-digests")
     if not isinstance(digests, dict):
         return
     for key, expected in digests.items():
-        data = read_or_none(store_root / "overlay-images" / image_id /
-                            big_data_file_name(str(key)))
-        if data is None or f"sha256:{hashlib.sha256(data).hexdigest()}" != expected:
+        name = f"{image_id}/{big_data_file_name(str(key))}"
+        if cache.file_digest(name, f"{store_root}/overlay-images/{name}") != expected:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]}: big data {key} is "
                                  "missing or does not match its digest")
 
@@ -208,14 +217,14 @@ def _check_layer_store(root: Path, public: str, report: CheckReport) -> None:
     if not store.is_dir():
         return
     for name in sorted(os.listdir(store)):
-        entry = store / name
+        entry = f"{store}/{name}"
         try:
-            target = os.readlink(entry / "diff")
+            target = os.readlink(f"{entry}/diff")
         except OSError:
             report.errors.append(f"{PODMAN_LAYERS}/{name}: no diff link")
             continue
-        if not _local(target, public, root).is_dir() or not (entry / "info").is_file() or \
-                not (entry / "blob").exists():
+        if not os.path.isdir(_local(target, public, root)) or \
+                not os.path.isfile(f"{entry}/info") or not os.path.exists(f"{entry}/blob"):
             report.errors.append(f"{PODMAN_LAYERS}/{name}: diff, info or blob missing")
 
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .backend.directory import DirectoryBackend, DirectoryRun
 from .digest import Digest
@@ -38,12 +39,15 @@ from .errors import LazypodError
 from .layout import METADATA, Layout
 from .manifest import ImageConfig
 from .overlay import AUFS_PREFIX
-from .registry import MAX_CONFIG_SIZE, RegistryClient
-from .repository import LayerRecord, LayerWhiteouts, RepositoryState
+from .record_cache import paused_gc
+from .repository import LayerRecord, RepositoryState
 from .views.layer_store import LayerStoreReport, render_layer_store
 from .views.podman_store import StoreReport, render_image_store
 from .views.scope import mark_rendered, scope_for
 from .views.store_files import read_store
+
+if TYPE_CHECKING:
+    from .registry import RegistryClient
 
 __all__ = ["ClientViewsReport", "build_client_views"]
 
@@ -91,6 +95,13 @@ def build_client_views(
     with `select` (shell patterns), of the images whose repository name
     (`registry/repository:tag`) or podman name one of them matches. A rerun checks
     the entries of the images it rendered before only when `full` (`views.scope`)."""
+    with paused_gc():  # tens of thousands of records and entries, and no cycles
+        return _build(repository, into, registry, public_root, layer_store, select, full)
+
+
+def _build(repository: Path, into: Path, registry: RegistryClient | None,
+           public_root: str | None, layer_store: bool, select: Sequence[str],
+           full: bool) -> ClientViewsReport:
     started = time.monotonic()
     report = ClientViewsReport()
 
@@ -158,6 +169,8 @@ def _complete_configs(
             continue
         else:
             try:
+                from .registry import MAX_CONFIG_SIZE  # the HTTP stack: only when used
+
                 raw = registry.get_blob_bytes(image.reference, image.manifest.config,
                                               MAX_CONFIG_SIZE, "image config")
             except LazypodError as exc:
@@ -203,7 +216,7 @@ def _scan_for_aufs(state: RepositoryState, writer: DirectoryRun, report: ClientV
     except (OSError, ValueError):
         cache = {}
     candidates = [digest for digest, record in state.layers.items() if record.complete
-                  and LayerWhiteouts.read(state.layout.layer_dir(digest)) is None]
+                  and not record.has_whiteouts]
     candidates.sort(key=lambda d: not cache.get(d.hex, False))
     changed = False
     for digest in candidates:

@@ -9,7 +9,7 @@ from typing import Any
 from .fsutil import listdir
 from .layout import FLAT, PODMAN_LAYERS, PODMAN_STORE
 from .repository import RepositoryState
-from .views.store_files import read_store
+from .views.store_files import store_names
 
 __all__ = ["ImageRow", "list_images"]
 
@@ -46,7 +46,8 @@ class ImageRow:
 
 def list_images(state: RepositoryState) -> list[ImageRow]:
     root = state.layout.root
-    store_names = read_store(root / PODMAN_STORE).names()
+    offered = store_names(state.layout)
+    has_store = (root / PODMAN_STORE).exists()
     # One listing per directory, not a stat per image and layer (10,000s of them); a
     # layer store entry is put in place whole (`replace_dir`).
     in_layer_store = set(listdir(root / PODMAN_LAYERS))
@@ -60,7 +61,7 @@ def list_images(state: RepositoryState) -> list[ImageRow]:
         problem = ""
         if not complete:
             problem = "a layer is missing or damaged: convert it again"
-        elif image.podman_name not in store_names and (root / PODMAN_STORE).exists():
+        elif image.podman_name not in offered and has_store:
             complete = False
             problem = "not in the podman store yet: convert again to complete it"
         rows.append(ImageRow(
@@ -71,7 +72,7 @@ def list_images(state: RepositoryState) -> list[ImageRow]:
             compressed_size=sum(b.size for b in layers),
             size=None if any(s is None for s in sizes) else sum(s or 0 for s in sizes),
             complete=complete,
-            in_store=image.podman_name in store_names,
+            in_store=image.podman_name in offered,
             in_layer_store=bool(layers) and all(
                 f"sha256:{b.digest.hex}" in in_layer_store for b in layers),
             flat=image.config is not None and image.config.digest.hex in flat_trees,

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import platform as _platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
 from .digest import Digest
-from .errors import UnsupportedImage
+from .errors import IntegrityError, UnsupportedImage
 
 __all__ = [
     "ACCEPTED_MANIFEST_TYPES",
     "Compression",
     "Descriptor",
+    "Document",
     "ImageConfig",
     "ImageManifest",
     "ManifestIndex",
     "Platform",
+    "StoredBytes",
     "parse_manifest",
 ]
 
@@ -136,8 +139,53 @@ class Descriptor:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageManifest:
-    raw: bytes
+class StoredBytes:
+    """A document's bytes left in the repository until they are needed: a record
+    rebuilt from the record cache (`record_cache`) holds what views and listings use,
+    and its raw bytes (tens of MB at 10,000 images) are read only for the few images a
+    run writes. `decode` turns the file's bytes into the document's (DUCC's re-encoded
+    manifests); the result must still have the document's digest."""
+
+    path: str
+    size: int  # of the document's bytes (after `decode`)
+    decode: Callable[[bytes], bytes] | None = None
+
+    def read(self, digest: Digest) -> bytes:
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise IntegrityError(f"{self.path}: unreadable ({exc.strerror}); run the "
+                                 "command again") from None
+        if self.decode is not None:
+            data = self.decode(data)
+        if Digest.of(data, digest.algorithm) != digest:
+            raise IntegrityError(f"{self.path} changed while lazypod was running; run the "
+                                 "command again")
+        return data
+
+
+class Document:
+    """`raw`: the document's bytes, held or read when first asked for (`StoredBytes`)."""
+
+    __slots__ = ()
+    body: bytes | StoredBytes
+    digest: Digest
+
+    @property
+    def raw(self) -> bytes:
+        body = self.body
+        return body if isinstance(body, bytes) else body.read(self.digest)
+
+    @property
+    def size(self) -> int:
+        body = self.body
+        return len(body) if isinstance(body, bytes) else body.size
+
+
+@dataclass(frozen=True, slots=True)
+class ImageManifest(Document):
+    body: bytes | StoredBytes
     digest: Digest
     media_type: str
     config: Descriptor
@@ -145,8 +193,8 @@ class ImageManifest:
 
 
 @dataclass(frozen=True, slots=True)
-class ManifestIndex:
-    raw: bytes
+class ManifestIndex(Document):
+    body: bytes | StoredBytes
     digest: Digest
     media_type: str
     manifests: tuple[Descriptor, ...]
@@ -217,10 +265,10 @@ def _strip_params(content_type: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageConfig:
+class ImageConfig(Document):
     """The parts of an image config lazypod needs (the raw bytes are kept as fetched)."""
 
-    raw: bytes
+    body: bytes | StoredBytes
     digest: Digest
     diff_ids: tuple[Digest, ...]
     created: str | None
@@ -238,7 +286,7 @@ class ImageConfig:
             diff_ids = tuple(Digest.parse(str(d)) for d in rootfs.get("diff_ids") or ())
             conf = obj.get("config") or {}
             return cls(
-                raw=raw,
+                body=raw,
                 digest=digest,
                 diff_ids=diff_ids,
                 created=obj.get("created"),

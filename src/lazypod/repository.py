@@ -22,6 +22,7 @@ from .errors import LazypodError
 from .fsutil import listdir
 from .layout import LAYER_RECORD, LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
+from .record_cache import Key, RecordCache, paused_gc, stat_key
 from .reference import ImageReference, parse_reference
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "RepositoryState",
     "image_names",
     "layer_record_json",
+    "reencode_ducc_manifest",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class LayerRecord:
     uidset: tuple[int, ...] = ()
     gidset: tuple[int, ...] = ()
     has_tar_split: bool = False
+    has_whiteouts: bool = False  # .metadata/whiteouts.json (lazypod's layers have one)
     complete: bool = True  # False: a directory without layers.json (DUCC's oldest layers)
     damaged: str | None = None  # why layers.json cannot be used (then not complete)
 
@@ -185,16 +188,24 @@ class RepositoryState:
     touched_layers: set[Digest] = field(default_factory=set)
 
     @classmethod
-    def load(cls, layout: Layout) -> RepositoryState:
+    def load(cls, layout: Layout, cache: RecordCache | None = None) -> RepositoryState:
+        """Read every record, through this user's record cache (`record_cache`): only
+        the records whose files changed since the last command are parsed. A caller
+        that passes its `cache` saves it."""
         state = cls(layout)
-        state.layers = dict(_scan_layers(layout.root / LAYERS))
-        for rel in _scan_image_dirs(layout.root / METADATA):
-            try:
-                state.images.append(_load_image(layout, rel))
-            except (LazypodError, OSError, ValueError, TypeError, KeyError,
-                    AttributeError) as exc:
-                state.unreadable[rel] = str(exc) or exc.__class__.__name__
-        state.images.sort(key=lambda image: image.public_name)
+        with paused_gc():
+            own = cache is None
+            cache = RecordCache(layout.root) if cache is None else cache
+            state.layers = dict(_scan_layers(layout.root / LAYERS, cache))
+            for rel in _scan_image_dirs(layout.root / METADATA):
+                try:
+                    state.images.append(_load_image(layout, rel, cache))
+                except (LazypodError, OSError, ValueError, TypeError, KeyError,
+                        AttributeError) as exc:
+                    state.unreadable[rel] = str(exc) or exc.__class__.__name__
+            state.images.sort(key=lambda image: image.public_name)
+            if own:
+                cache.save()
         return state
 
     @property
@@ -276,6 +287,7 @@ def read_layer_record(layer_dir: Path | str, digest: Digest) -> LayerRecord:
             uidset=tuple(int(u) for u in entry.get("uidset") or ()),
             gidset=tuple(int(g) for g in entry.get("gidset") or ()),
             has_tar_split=os.path.exists(os.path.join(meta, TAR_SPLIT)),
+            has_whiteouts=os.path.exists(os.path.join(meta, WHITEOUTS)),
         )
     except (ValueError, KeyError, TypeError, LazypodError) as exc:
         return LayerRecord(digest, complete=False, damaged=f"{LAYER_RECORD} is damaged ({exc})")
@@ -286,7 +298,7 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
-def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
+def _scan_layers(layers_root: Path, cache: RecordCache) -> Iterator[tuple[Digest, LayerRecord]]:
     for prefix in listdir(layers_root):
         if len(prefix) != 2:
             continue
@@ -294,23 +306,82 @@ def _scan_layers(layers_root: Path) -> Iterator[tuple[Digest, LayerRecord]]:
         for name in listdir(parent):
             if len(name) != 64 or not name.startswith(prefix):
                 continue
-            digest = Digest("sha256", name)
-            yield digest, read_layer_record(os.path.join(parent, name), digest)
+            digest = Digest.parse(f"sha256:{name}")
+            layer_dir = f"{parent}/{name}"
+            meta = f"{layer_dir}/{METADATA}/"
+            # The record's content, and which files the folder holds (a file added,
+            # removed or replaced changes the folder's times).
+            keys = [stat_key(meta + LAYER_RECORD), stat_key(meta)]
+            record = _cached_layer(cache, digest, keys)
+            if record is None:
+                record = read_layer_record(layer_dir, digest)
+                if record.complete:
+                    cache.put_layer(name, keys, _layer_data(record))
+            yield digest, record
+
+
+def _cached_layer(cache: RecordCache, digest: Digest, keys: list[Key]) -> LayerRecord | None:
+    data = cache.layer(digest.hex, keys)
+    try:
+        return None if data is None else _layer_from(digest, data)
+    except (ValueError, TypeError, LazypodError):
+        return None
+
+
+def _layer_data(record: LayerRecord) -> list[Any]:
+    return [str(record.diff_id), record.diff_size, record.created, list(record.uidset),
+            list(record.gidset), record.has_tar_split, record.has_whiteouts]
+
+
+def _layer_from(digest: Digest, data: list[Any]) -> LayerRecord:
+    diff_id, diff_size, created, uidset, gidset, tar_split, whiteouts = data
+    return LayerRecord(digest, Digest.parse(diff_id),
+                       None if diff_size is None else int(diff_size), created,
+                       tuple(int(u) for u in uidset), tuple(int(g) for g in gidset),
+                       bool(tar_split), bool(whiteouts))
 
 
 def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(metadata_root):
-        rel = os.path.relpath(dirpath, metadata_root)
-        if rel == ".":
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    """Folders holding a manifest.json, by name relative to `.metadata`. Below the
+    registry level, a folder named with a tag or digest (`repo:tag`, `repo@sha256:..`)
+    is an image and holds no other: it is not listed (10,000 listings less)."""
+    top = os.fspath(metadata_root)
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        try:
+            with os.scandir(f"{top}/{rel}" if rel else top) as entries:
+                children = [(e.name, e.is_file(follow_symlinks=False))
+                            if not e.is_dir(follow_symlinks=False) else (e.name, None)
+                            for e in entries]
+        except OSError:
             continue
-        dirnames.sort()
-        if "manifest.json" in filenames:
+        if any(name == "manifest.json" and kind for name, kind in children) and rel:
             yield rel
+        for name, kind in children:
+            if kind is not None or (not rel and name.startswith(".")):
+                continue
+            child = f"{rel}/{name}" if rel else name
+            if rel and (":" in name or "@" in name):
+                if os.path.isfile(f"{top}/{child}/manifest.json"):
+                    yield child
+            else:
+                pending.append(child)
 
 
-def _load_image(layout: Layout, rel: str) -> ImageRecord:
-    directory = os.path.join(layout.root, METADATA, rel)
+_IMAGE_FILES = ("manifest.json", "config.json", "index.json")
+
+
+def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord:
+    directory = f"{layout.root}/{METADATA}/{rel}"
+    # Named `registry/repository:tag` or `...@digest`, the folder's name is the
+    # reference (DUCC's digest-only folders take theirs from links: not cached).
+    named = ":" in rel.rsplit("/", 1)[-1] or "@" in rel
+    keys: list[Key] = [stat_key(f"{directory}/{f}") for f in _IMAGE_FILES]
+    if named:
+        hit = cache.image(rel, directory, keys)
+        if hit is not None:
+            return ImageRecord(rel, *hit)
     raw = _read(os.path.join(directory, "manifest.json"))
     manifest = _parse_stored_manifest(raw)
     reference, link = _reference_for(layout, rel, manifest)
@@ -328,7 +399,20 @@ def _load_image(layout: Layout, rel: str) -> ImageRecord:
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
+    if named and (config is not None or keys[1] is None) and \
+            (index is not None or keys[2] is None):
+        cache.put_image(rel, keys, reference, manifest, config, index,
+                        manifest.digest if manifest.raw is raw else Digest.of(raw))
     return ImageRecord(rel, reference, manifest, config, index, link)
+
+
+def reencode_ducc_manifest(raw: bytes) -> bytes:
+    """The manifest lazypod reads for one DUCC stored with Go field names; other
+    manifests as they are."""
+    obj = json.loads(raw)
+    if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
+        return json.dumps(_lower_keys(obj), separators=(",", ":")).encode()
+    return raw
 
 
 def _parse_stored_manifest(raw: bytes) -> ImageManifest:

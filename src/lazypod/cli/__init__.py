@@ -3,8 +3,7 @@ its global options and exit statuses)."""
 
 from __future__ import annotations
 
-from . import convert, info, maintain, webhook  # noqa: F401  (each registers its commands)
-from .app import main
+from .app import main  # its commands are loaded when named (`app.COMMANDS`)
 
 __all__ = ["main"]
 

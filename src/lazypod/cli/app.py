@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import importlib
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -64,29 +65,39 @@ class Terminated(LazypodError):
     transaction is aborted on the way out)."""
 
 
-class _AliasedGroup(click.Group):
-    """DUCC's command aliases (`gc`, `check-image`, `get-manifest`, `v`, ...)."""
+# Each command, and the module of this package that defines it: a command's module is
+# imported when the command runs (`ls` does not load the HTTP stack `convert` needs).
+COMMANDS: dict[str, str] = {
+    "convert": "convert", "convert-single-image": "convert", "loop": "convert",
+    "check-image-syntax": "info", "download-manifest": "info", "version": "info",
+    "rm": "maintain", "garbage-collection": "maintain", "check": "maintain",
+    "podman-config": "maintain", "views": "maintain", "ls": "maintain",
+    "webhook": "webhook",
+}
+# DUCC's other names for commands.
+ALIASES: dict[str, str] = {
+    "gc": "garbage-collection", "check-image": "check-image-syntax",
+    "image-check": "check-image-syntax", "get-manifest": "download-manifest", "v": "version",
+}
 
-    aliases: ClassVar[dict[str, str]] = {}
+
+class _LazyGroup(click.Group):
+    """Commands loaded when named (`COMMANDS`), under DUCC's aliases too (`ALIASES`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
+        name = ALIASES.get(cmd_name, cmd_name)
+        module = COMMANDS.get(name)
+        if module is not None and name not in self.commands:
+            importlib.import_module(f"{__package__}.{module}")  # registers its commands
+        return super().get_command(ctx, name)
 
     def resolve_command(self, ctx: click.Context, args: list[str],
                         ) -> tuple[str | None, click.Command | None, list[str]]:
         _, cmd, rest = super().resolve_command(ctx, args)
         return (cmd.name if cmd else None), cmd, rest
-
-
-def alias(*names: str) -> Callable[[F], F]:
-    """Register other names for the command being defined (decorate after command)."""
-
-    def register(command: F) -> F:
-        for name in names:
-            _AliasedGroup.aliases[name] = command.name  # type: ignore[attr-defined]
-        return command
-
-    return register
 
 
 def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -223,7 +234,7 @@ def _fault_hook() -> None:
     faults.install(hook)
 
 
-@click.group(cls=_AliasedGroup,
+@click.group(cls=_LazyGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lazypod")
 @click.option("-v", "--verbose", count=True, help="More detail (-v: info, -vv: debug).")

@@ -11,13 +11,12 @@ from ..errors import LazypodError
 from ..manifest import Platform
 from ..reference import ImageReference, parse_reference
 from ..sources import LayoutSource
-from .app import alias, ducc_globals, main, runs_cleanly, temporary_dir_option
+from .app import ducc_globals, main, runs_cleanly, temporary_dir_option
 from .options import registry_options, sources
 
 _CSV_FIELDS = ("name", "user", "scheme", "registry", "repository", "tag", "digest", "is_thin")
 
 
-@alias("check-image", "image-check")
 @main.command("check-image-syntax")
 @click.argument("image")
 @click.option("-z", "--machine-friendly", is_flag=True,
@@ -76,7 +75,6 @@ def check_image_syntax(image: str, machine_friendly: bool) -> None:
     click.echo(f"layout name: {ref.public_name}")
 
 
-@alias("get-manifest")
 @main.command("download-manifest")
 @click.argument("image")
 @click.option("-u", "--username", metavar="USER", expose_value=False,
@@ -117,7 +115,6 @@ def _named_by_layout(ref: ImageReference) -> ImageReference:
         layouts.close()
 
 
-@alias("v")
 @main.command("version")
 @ducc_globals
 @temporary_dir_option

@@ -12,15 +12,10 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
-from ..check import check_repository
-from ..client_views import build_client_views
-from ..inventory import list_images
 from ..layout import PODMAN_LAYERS, PODMAN_STORE, Layout
-from ..maintenance import collect_garbage, remove_images
 from ..podman_config import PodmanConfig
 from ..reference import parse_reference
-from ..repository import RepositoryState
-from .app import alias, ducc_globals, main, runs_cleanly, temporary_dir_option
+from .app import ducc_globals, main, runs_cleanly, temporary_dir_option
 from .options import GRACE_PERIOD, backend_for, backend_options, read_path, registry_client
 
 log = logging.getLogger("lazypod")
@@ -41,11 +36,11 @@ def rm(repository: str, images: tuple[str, ...], backend_kind: str | None, force
     `lazypod garbage-collection`."""
     backend = backend_for(repository, backend_kind, public_root=public_root, force=force,
                           work_dir=work_dir, wait_for_readers=wait_for_readers, create=False)
+    from ..maintenance import remove_images
     for name in remove_images(backend, [parse_reference(i) for i in images]):
         click.echo(f"removed {name}", err=True)
 
 
-@alias("gc")
 @main.command("garbage-collection")
 @click.argument("repository")
 @click.option("--dry-run", is_flag=True,
@@ -64,6 +59,7 @@ def garbage_collection(repository: str, dry_run: bool, grace_period: float,
     Alias: gc."""
     backend = backend_for(repository, backend_kind, public_root=public_root, force=force,
                           work_dir=work_dir, wait_for_readers=wait_for_readers, create=False)
+    from ..maintenance import collect_garbage
     report = collect_garbage(backend, dry_run=dry_run, grace_seconds=grace_period,
                              force=force)
     verb = "would remove" if dry_run else "removed"
@@ -87,6 +83,7 @@ def garbage_collection(repository: str, dry_run: bool, grace_period: float,
 def check(repository: str, deep: bool, public_root: str | None) -> None:
     """Check REPOSITORY (a path, or a CVMFS repository's name) for integrity: images,
     layers, podman stores, links. Exit status 1 if anything is wrong."""
+    from ..check import check_repository
     report = check_repository(read_path(repository), deep=deep, public_root=public_root,
                               on_layer=lambda d: log.info("verifying layer %s", d))
     for warning in report.warnings:
@@ -177,6 +174,8 @@ def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
     With --select, the views hold a chosen subset: podman 4 lists images in time
     that grows with the square of the store's size (README, Benchmarks), so a site
     that runs a few hundred of ten thousand images renders views of those."""
+    from ..client_views import build_client_views
+
     selection = [*patterns, *_pattern_lines(select_file)]
     if (patterns or select_file) and not selection:
         raise click.UsageError("--select-file holds no pattern")
@@ -222,7 +221,13 @@ def _pattern_lines(file: TextIO | None) -> list[str]:
 def ls(repository: str, as_json: bool) -> None:
     """List the images of REPOSITORY (a path, or a CVMFS repository's name) and which
     views hold them."""
-    for row in list_images(RepositoryState.load(Layout(read_path(repository)))):
+    from ..inventory import list_images
+    from ..record_cache import paused_gc
+    from ..repository import RepositoryState
+
+    with paused_gc():  # tens of thousands of records, and no cycles
+        rows = list_images(RepositoryState.load(Layout(read_path(repository))))
+    for row in rows:
         if as_json:
             click.echo(json.dumps(row.as_dict()))
         else:

@@ -16,21 +16,21 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..backend import Backend
-from ..backend.cvmfs import CvmfsBackend, CvmfsConfig
-from ..backend.directory import DirectoryBackend
-from ..ducc_env import ducc_registries
 from ..errors import LazypodError
 from ..layout import LAYERS, METADATA, PODMAN_STORE
-from ..registry import RegistryClient
-from ..registry_conf import read_registries_conf
-from ..routes import Routes
-from ..sources import Sources
 from .app import temporary_dir
+
+# Backends, registries and sources are imported where used: a command that needs
+# none of them (`ls`, `check`) starts without loading them.
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..backend.cvmfs import CvmfsConfig
+    from ..registry import RegistryClient
+    from ..sources import Sources
 
 __all__ = [
     "GRACE_PERIOD",
@@ -150,6 +150,9 @@ def backend_kind_for(repository: str, kind: str | None) -> str:
 def backend_for(repository: str, kind: str | None, *, public_root: str | None, force: bool,
                 work_dir: Path | None, wait_for_readers: float = 0,
                 create: bool = True) -> Backend:
+    from ..backend.cvmfs import CvmfsBackend
+    from ..backend.directory import DirectoryBackend
+
     if backend_kind_for(repository, kind) == "cvmfs":
         return CvmfsBackend(cvmfs_config(repository, public_root=public_root, force=force,
                                          work_dir=work_dir, wait_for_readers=wait_for_readers))
@@ -162,6 +165,8 @@ def cvmfs_config(repository: str, *, public_root: str | None, force: bool,
     DUCC_TMP_DIR; LAZYPOD_CVMFS_MOUNT_ROOT, LAZYPOD_CVMFS_CLIENT_ROOT and
     LAZYPOD_CVMFS_CONFIG_DIR move /cvmfs, /var/spool/cvmfs/NAME/rdonly and /etc/cvmfs,
     for test set-ups)."""
+    from ..backend.cvmfs import CvmfsConfig
+
     env = os.environ
     client = env.get("LAZYPOD_CVMFS_CLIENT_ROOT")
     work = work_dir or temporary_dir() or Path(
@@ -195,6 +200,11 @@ def registry_client(insecure: tuple[str, ...], retry_for: float = 60.0) -> Regis
     """The registry client, with podman's registries.conf (insecure registries,
     mirrors) and DUCC's DUCC_AUTH_REGISTRIES (logins, proxies) read once, here: a
     mistake in either fails any command that talks to a registry, in one line."""
+    from ..ducc_env import ducc_registries
+    from ..registry import RegistryClient
+    from ..registry_conf import read_registries_conf
+    from ..routes import Routes
+
     conf = read_registries_conf()
     routes = Routes(ducc_registries(), conf.namespaces)
     return RegistryClient(insecure=set(insecure) | conf.insecure, routes=routes,
@@ -205,6 +215,8 @@ def registry_client(insecure: tuple[str, ...], retry_for: float = 60.0) -> Regis
 def sources(insecure: tuple[str, ...], retry_for: float = 60.0) -> Iterator[Sources]:
     """Every image source (registries, OCI layouts and archives, podman's storage)
     behind one, for the length of a command."""
+    from ..sources import Sources
+
     with registry_client(insecure, retry_for) as registry, Sources(registry) as found:
         yield found
 

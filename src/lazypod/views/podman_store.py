@@ -38,7 +38,7 @@ from ..digest import Digest
 from ..errors import LazypodError
 from ..fsutil import listdir, read_or_none, write_new
 from ..layout import LAYERFS, METADATA, PODMAN_STORE
-from ..manifest import Compression, Descriptor
+from ..manifest import Compression, Descriptor, Document
 from ..reference import parse_reference
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
 from .scope import FULL, Scope
@@ -55,8 +55,16 @@ class StoreLayer:
     parent: str | None
     record: LayerRecord
     blob: Descriptor
-    link: str
-    lowers: tuple[str, ...]  # link names of all lower layers, nearest first
+    lower_ids: tuple[str, ...]  # IDs of all lower layers, nearest first
+
+    @property
+    def link(self) -> str:
+        return link_name(self.id)
+
+    @property
+    def lowers(self) -> tuple[str, ...]:
+        """Link names of all lower layers, nearest first (for the `lower` file)."""
+        return tuple(link_name(lid) for lid in self.lower_ids)
 
     def entry(self, created: str) -> dict[str, Any]:
         assert self.record.diff_id is not None
@@ -85,7 +93,8 @@ class StoreImage:
     top_layer: str | None
     created: str
     names: list[str] = field(default_factory=list)
-    big_data: dict[str, bytes] = field(default_factory=dict)
+    # Manifests and config by key; their bytes are read only when written.
+    big_data: dict[str, Document] = field(default_factory=dict)
     digest: str = ""
 
     def entry(self) -> dict[str, Any]:
@@ -94,8 +103,11 @@ class StoreImage:
             obj["layer"] = self.top_layer
         keys = list(self.big_data)
         obj["big-data-names"] = keys
-        obj["big-data-sizes"] = {k: len(v) for k, v in self.big_data.items()}
-        obj["big-data-digests"] = {k: str(Digest.of(v)) for k, v in self.big_data.items()}
+        obj["big-data-sizes"] = {k: v.size for k, v in self.big_data.items()}
+        # containers/storage's digests are sha256: a document's own when it has one
+        obj["big-data-digests"] = {
+            k: str(v.digest if v.digest.algorithm == "sha256" else Digest.of(v.raw))
+            for k, v in self.big_data.items()}
         obj["created"] = self.created
         return obj
 
@@ -176,7 +188,6 @@ def _add_image(
             return f"layer {blob.digest.short} has diff ID {record.diff_id}, config says {diff_id}"
         records.append(record)
     ids = chain_ids(list(config.diff_ids))
-    links: list[str] = []
     for i, (layer_id, record, blob) in enumerate(
         zip(ids, records, image.manifest.layers, strict=True)
     ):
@@ -186,10 +197,8 @@ def _add_image(
                 parent=ids[i - 1] if i else None,
                 record=record,
                 blob=blob,
-                link=link_name(layer_id),
-                lowers=tuple(reversed(links)),
+                lower_ids=tuple(reversed(ids[:i])),
             )
-        links.append(model.layers[layer_id].link)
     owners[image.podman_name] = image.public_name
     if rendered:
         model.rendered_images.add(config.digest.hex)
@@ -202,12 +211,12 @@ def _add_image(
             created=config.created or "1970-01-01T00:00:00Z",
             digest=str(image.manifest.digest),
         )
-        store_image.big_data[str(config.digest)] = config.raw
-        store_image.big_data["manifest"] = image.manifest.raw
+        store_image.big_data[str(config.digest)] = config
+        store_image.big_data["manifest"] = image.manifest
     store_image.names.append(image.podman_name)
     if image.index is not None:
-        store_image.big_data[f"manifest-{image.index.digest}"] = image.index.raw
-    store_image.big_data[f"manifest-{image.manifest.digest}"] = image.manifest.raw
+        store_image.big_data[f"manifest-{image.index.digest}"] = image.index
+    store_image.big_data[f"manifest-{image.manifest.digest}"] = image.manifest
     return None
 
 
@@ -377,7 +386,7 @@ def _ensure_layer_dir(
 
 def _ensure_big_data(writer: TreeWriter, root: Path, prefix: str, image: StoreImage) -> None:
     directory = root / "overlay-images" / image.id
-    files = {big_data_file_name(k): v for k, v in image.big_data.items()}
+    files = {big_data_file_name(k): v.raw for k, v in image.big_data.items()}
     try:
         present = set(os.listdir(directory))
         current_ok = present == set(files) and all(

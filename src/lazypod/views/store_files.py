@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import LAYER_RECORD, PODMAN_STORE, Layout
+from ..record_cache import paused_gc
 
 __all__ = ["IMAGES_JSON", "IMAGES_LOCK", "LAYERS_JSON", "LAYERS_LOCK", "StoreFiles",
            "read_store", "store_names"]
@@ -45,17 +46,20 @@ class StoreFiles:
         return found
 
 
-def read_store(root: Path) -> StoreFiles:
-    """The store under `root` (e.g. `<repository>/.podmanStore`)."""
+def read_store(root: Path, *, layers: bool = True) -> StoreFiles:
+    """The store under `root` (e.g. `<repository>/.podmanStore`); without its layers'
+    records when `layers` is false (for names alone)."""
     store = StoreFiles()
-    store.images = _entries(root / IMAGES_JSON, store.problems, _image_ok)
-    store.layers = _entries(root / LAYERS_JSON, store.problems, _layer_ok)
+    with paused_gc():
+        store.images = _entries(root / IMAGES_JSON, store.problems, _image_ok)
+        if layers:
+            store.layers = _entries(root / LAYERS_JSON, store.problems, _layer_ok)
     return store
 
 
 def store_names(layout: Layout) -> set[str]:
     """The image names a repository's podman store offers."""
-    return read_store(layout.root / PODMAN_STORE).names()
+    return read_store(layout.root / PODMAN_STORE, layers=False).names()
 
 
 _ID = re.compile(r"[0-9a-f]{64}")  # an ID names a directory: nothing else is one

@@ -1,0 +1,310 @@
+"""A per-user cache of the repository's parsed records, validated by `stat`.
+
+Reading a repository means reading its records: at 10,000 images that is some
+30,000 small JSON files (`manifest.json`, `config.json` per image, `layers.json` per
+layer), parsed one by one, most of a second before a command does anything. The
+records change seldom and only by files being replaced, so a command keeps what it
+parsed, each entry with the `stat` of the files it came from (size, mtime and
+ctime, in nanoseconds), and the next command re-parses only the entries whose files
+differ. This is git's index, for the same reason.
+
+- Nothing is trusted that a `stat` does not confirm: a file replaced, rewritten in
+  place, truncated, removed or added changes its entry's key, and the entry is
+  parsed again; a directory not in the cache is read. A file changed less than
+  `RACY_SECONDS` before it was read is not cached (its next change could fall in the
+  same clock tick and keep its key).
+- Inode numbers are not in the key: CernVM-FS gives every file a new one after a
+  publication, and the cache would never hit on a client.
+- Raw documents are not cached: a record rebuilt from the cache reads its raw bytes
+  from the repository when a view writes them (`StoredBytes`), and checks them
+  against their digest.
+- The cache lives in `$LAZYPOD_CACHE_DIR`, else `$XDG_CACHE_HOME/lazypod`, else
+  `~/.cache/lazypod`, one file per repository path; `LAZYPOD_CACHE_DIR=off` turns it
+  off. A directory or file owned by another user, or writable by others, is not used.
+  A damaged or foreign cache file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .digest import Digest
+from .fsutil import write_new
+from .manifest import Descriptor, ImageConfig, ImageManifest, ManifestIndex, Platform, StoredBytes
+from .reference import ImageReference
+
+__all__ = ["RecordCache", "cache_dir", "paused_gc", "stat_key"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lazypod record cache 3"
+RACY_SECONDS = 2.0
+KEEP_FILES = 64  # caches of this many repositories; the least recently written go
+
+Key = list[int] | None  # size, mtime and ctime (ns); None: no such file
+
+
+def stat_key(path: str) -> Key:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def cache_dir() -> Path | None:
+    """Where this user's caches are, or None when off or unsafe to use."""
+    configured = os.environ.get("LAZYPOD_CACHE_DIR")
+    if configured is not None:
+        if configured.strip().lower() in ("", "off", "0", "no"):
+            return None
+        return Path(configured)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "lazypod"
+    home = os.environ.get("HOME")
+    return Path(home) / ".cache" / "lazypod" if home and os.path.isabs(home) else None
+
+
+def _owned(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+_KINDS = ("images", "layers", "digests")
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while records are parsed: they make no cycles, and
+    at 10,000 images the collector, run again and again over every object the process
+    holds, took a third of the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class RecordCache:
+    """The cache of one repository for one command: `image`/`layer`/`file_digest` give
+    an entry whose key still holds, `put_*` record what was parsed; `save` writes it
+    back when anything changed. Of each kind a command asks for, the entries it did
+    not ask for are dropped (they are gone from the repository); kinds it did not
+    ask for are kept as they were."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = os.path.realpath(root)
+        self._path: Path | None = None
+        self._old: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        self._new: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        self._asked: set[str] = set()
+        self._changed = False
+        self._started = time.time_ns()
+        directory = cache_dir()
+        if directory is None:
+            return
+        name = hashlib.sha256(self._root.encode(errors="surrogateescape")).hexdigest()[:32]
+        self._path = directory / f"records-{name}.json"
+        with paused_gc():
+            self._old = self._read() or self._old
+
+    def _read(self) -> dict[str, dict[str, Any]] | None:
+        assert self._path is not None
+        if not _owned(self._path.parent) or not _owned(self._path):
+            return None
+        try:
+            obj = json.loads(self._path.read_bytes())
+            if obj.get("format") != FORMAT or obj.get("root") != self._root:
+                return None
+            found = {kind: obj.get(kind, {}) for kind in _KINDS}
+            if not all(isinstance(entries, dict) for entries in found.values()):
+                return None
+            return found
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+
+    def _lookup(self, kind: str, name: str, keys: list[Key]) -> Any:
+        self._asked.add(kind)
+        entry = self._old[kind].get(name)
+        if entry is not None and entry[0] == keys:
+            self._new[kind][name] = entry
+            return entry[1]
+        self._changed = True
+        return None
+
+    def _put(self, kind: str, name: str, keys: list[Key], data: Any) -> None:
+        racy = self._started - int(RACY_SECONDS * 1e9)
+        if all(k is None or k[2] < racy for k in keys):
+            self._new[kind][name] = [keys, data]
+
+    def image(self, rel: str, directory: str, keys: list[Key]
+              ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
+                         ManifestIndex | None] | None:
+        data = self._lookup("images", rel, keys)
+        if data is None:
+            return None
+        try:
+            return _image_from(data, directory)
+        except (ValueError, TypeError, KeyError, IndexError):
+            self._new["images"].pop(rel, None)
+            return None
+
+    def put_image(self, rel: str, keys: list[Key], reference: ImageReference,
+                  manifest: ImageManifest, config: ImageConfig | None,
+                  index: ManifestIndex | None, file_digest: Digest) -> None:
+        self._put("images", rel, keys, _image_data(reference, manifest, config, index,
+                                                   file_digest))
+
+    def layer(self, hex_digest: str, keys: list[Key]) -> list[Any] | None:
+        data = self._lookup("layers", hex_digest, keys)
+        return data if isinstance(data, list) else None
+
+    def put_layer(self, hex_digest: str, keys: list[Key], data: list[Any]) -> None:
+        self._put("layers", hex_digest, keys, data)
+
+    def file_digest(self, name: str, path: str) -> str | None:
+        """The sha256 digest (`sha256:...`) of the file at `path` (`name`: a name for
+        it, unique in the repository), or None if it cannot be read. Kept as one
+        string per file ("size mtime ctime hex"): a check meets 30,000 of them."""
+        self._asked.add("digests")
+        key = stat_key(path)
+        if key is None:
+            return None
+        stamp = f"{key[0]} {key[1]} {key[2]} "
+        entry = self._old["digests"].get(name)
+        if isinstance(entry, str) and entry.startswith(stamp):
+            self._new["digests"][name] = entry
+            return f"sha256:{entry[len(stamp):]}"
+        self._changed = True
+        try:
+            with open(path, "rb") as file:
+                digest = hashlib.file_digest(file, "sha256").hexdigest()
+        except OSError:
+            return None
+        if key[2] < self._started - int(RACY_SECONDS * 1e9):
+            self._new["digests"][name] = stamp + digest
+        return f"sha256:{digest}"
+
+    def save(self) -> None:
+        """Write the cache back if anything changed; a failure only costs speed."""
+        if self._path is None:
+            return
+        for kind in set(_KINDS) - self._asked:
+            self._new[kind] = self._old[kind]
+        dropped = any(set(self._old[k]) - set(self._new[k]) for k in _KINDS)
+        if not self._changed and not dropped:
+            return
+        obj = {"format": FORMAT, "root": self._root, **self._new}
+        try:
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _owned(self._path.parent):
+                return
+            tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+            write_new(tmp, json.dumps(obj, separators=(",", ":")).encode(), mode=0o600)
+            os.replace(tmp, self._path)
+            _prune(self._path.parent)
+        except OSError as exc:
+            log.debug("record cache %s not written: %s", self._path, exc)
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+
+
+def _prune(directory: Path) -> None:
+    files = sorted(directory.glob("records-*.json"), key=lambda p: p.stat().st_mtime)
+    for old in files[:-KEEP_FILES]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+def _desc(d: Descriptor) -> list[Any]:
+    plat = d.platform
+    return [d.media_type, str(d.digest), d.size,
+            [plat.os, plat.architecture, plat.variant] if plat else None]
+
+
+_DIGESTS: dict[str, Digest] = {}
+
+
+def _digest(text: str) -> Digest:
+    """One object per digest (a cache names each shared layer thousands of times)."""
+    found = _DIGESTS.get(text)
+    if found is None:
+        found = _DIGESTS[text] = Digest.parse(text)
+    return found
+
+
+_DESCRIPTORS: dict[tuple[str, str, int], Descriptor] = {}
+
+
+def _desc_from(obj: list[Any]) -> Descriptor:
+    plat = obj[3]
+    if plat:
+        return Descriptor(obj[0], _digest(obj[1]), int(obj[2]),
+                          Platform(plat[0], plat[1], plat[2]))
+    key = (obj[0], obj[1], obj[2])  # layers shared by many images: one object each
+    found = _DESCRIPTORS.get(key)
+    if found is None:
+        found = _DESCRIPTORS[key] = Descriptor(obj[0], _digest(obj[1]), int(obj[2]))
+    return found
+
+
+def _image_data(reference: ImageReference, manifest: ImageManifest, config: ImageConfig | None,
+                index: ManifestIndex | None, file_digest: Digest) -> dict[str, Any]:
+    ref = [reference.registry, reference.repository, reference.tag,
+           str(reference.digest) if reference.digest else None]
+    data: dict[str, Any] = {
+        "ref": ref,
+        "m": [manifest.media_type, str(manifest.digest), manifest.size,
+              file_digest != manifest.digest, _desc(manifest.config),
+              [_desc(d) for d in manifest.layers]],
+    }
+    if config is not None:
+        data["c"] = [config.size, [str(d) for d in config.diff_ids],
+                     config.created, list(config.env), list(config.entrypoint),
+                     list(config.cmd), config.working_dir, config.labels]
+    if index is not None:
+        data["i"] = [index.media_type, str(index.digest), index.size,
+                     [_desc(d) for d in index.manifests]]
+    return data
+
+
+def _image_from(data: dict[str, Any], directory: str
+                ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
+                           ManifestIndex | None]:
+    from .repository import reencode_ducc_manifest  # the one place that knows that form
+
+    registry, repository, tag, digest = data["ref"]
+    reference = ImageReference(registry, repository, tag, _digest(digest) if digest else None)
+    m = data["m"]
+    body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
+                       reencode_ducc_manifest if m[3] else None)
+    manifest = ImageManifest(body, _digest(m[1]), m[0], _desc_from(m[4]),
+                             tuple(_desc_from(d) for d in m[5]))
+    config = None
+    if "c" in data:
+        c = data["c"]
+        config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
+                             manifest.config.digest, tuple(_digest(d) for d in c[1]),
+                             c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
+                             dict(c[7]))
+    index = None
+    if "i" in data:
+        i = data["i"]
+        index = ManifestIndex(StoredBytes(f"{directory}/index.json", int(i[2])),
+                              _digest(i[1]), i[0], tuple(_desc_from(d) for d in i[3]))
+    return reference, manifest, config, index

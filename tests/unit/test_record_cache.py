@@ -1,0 +1,227 @@
+"""The record cache (record_cache.py): a second read of a repository parses only the
+records whose files changed, and nothing the cache holds is used unless `stat`
+confirms it and the cache is the user's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import FakeRegistry, convert
+
+from lazypod import IntegrityError, Layout, record_cache
+from lazypod import repository as repository_module
+from lazypod.repository import RepositoryState
+from lazypod.views.podman_store import build_store_model
+from support.images import Entry, image, layer
+
+BASE = layer([Entry("etc/", "dir"), Entry("etc/os-release", data=b"ID=test\n")])
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LAZYPOD_CACHE_DIR", str(cache))
+    # The tests change files right after reading them: no racy-file margin (they wait
+    # out the clock tick themselves).
+    monkeypatch.setattr(record_cache, "RACY_SECONDS", 0.0)
+    return cache
+
+
+def repository(root: Path) -> tuple[str, str]:
+    registry = FakeRegistry()
+    a = registry.push("library/a", "1", image([BASE, layer([Entry("a", data=b"a")])]))
+    b = registry.push("library/b", "1", image([BASE, layer([Entry("b", data=b"b")])]))
+    convert(registry, root, a, b)
+    time.sleep(0.02)  # past the clock tick of the last write
+    return a, b
+
+
+class Reads:
+    """Counts the record files a load parses."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.images: list[str] = []
+        self.layers: list[str] = []
+        read_layer = repository_module.read_layer_record
+
+        def counted_read(path: str) -> bytes:
+            if path.endswith("manifest.json"):
+                self.images.append(path)
+            with open(path, "rb") as file:
+                return file.read()
+
+        def counted_layer(layer_dir, digest):  # type: ignore[no-untyped-def]
+            self.layers.append(str(layer_dir))
+            return read_layer(layer_dir, digest)
+
+        monkeypatch.setattr(repository_module, "_read", counted_read)
+        monkeypatch.setattr(repository_module, "read_layer_record", counted_layer)
+
+
+def load(root: Path) -> RepositoryState:
+    return RepositoryState.load(Layout(root))
+
+
+def summary(state: RepositoryState) -> list[tuple[str, str, str | None, tuple[str, ...]]]:
+    return [(i.public_name, str(i.manifest.digest),
+             str(i.config.digest) if i.config else None,
+             tuple(str(b.digest) for b in i.manifest.layers)) for i in state.images]
+
+
+def test_a_second_read_parses_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        private_cache: Path) -> None:
+    repository(tmp_path)
+    first = load(tmp_path)
+    assert list(private_cache.glob("records-*.json"))
+    reads = Reads(monkeypatch)
+    second = load(tmp_path)
+    assert reads.images == [] and reads.layers == []
+    assert summary(second) == summary(first)
+    assert second.layers == first.layers
+    # The raw documents are read from the repository when needed, whole and verified.
+    for cached, parsed in zip(second.images, first.images, strict=True):
+        assert cached.manifest.raw == parsed.manifest.raw
+        assert cached.config is not None and parsed.config is not None
+        assert cached.config.raw == parsed.config.raw
+        assert cached.config == parsed.config or cached.config.env == parsed.config.env
+
+
+def test_the_store_model_is_the_same_from_the_cache(tmp_path: Path) -> None:
+    repository(tmp_path)
+    parsed = build_store_model(load(tmp_path), lambda message: None)
+    cached = build_store_model(load(tmp_path), lambda message: None)
+    assert [i.entry() for i in cached.images.values()] == \
+        [i.entry() for i in parsed.images.values()]
+
+
+def test_a_record_rewritten_in_place_is_read_again(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    repository(tmp_path)
+    state = load(tmp_path)
+    digest, record = next(iter(state.layers.items()))
+    path = Layout(tmp_path).layer_dir(digest) / ".metadata" / "layers.json"
+    obj = json.loads(path.read_bytes())
+    size = str(obj[0]["diff-size"])
+    obj[0]["diff-size"] = int(str(int(size[0]) % 9 + 1) + size[1:])  # same length
+    text = json.dumps(obj, indent=1).encode() + b"\n"
+    assert len(text) == path.stat().st_size
+    with open(path, "r+b") as file:  # in place: same inode, same size
+        file.write(text)
+    reads = Reads(monkeypatch)
+    again = load(tmp_path)
+    assert again.layers[digest].diff_size == obj[0]["diff-size"] != record.diff_size
+    assert reads.layers == [str(Layout(tmp_path).layer_dir(digest))]
+
+
+def test_added_removed_and_damaged_records_are_seen(tmp_path: Path) -> None:
+    a, b = repository(tmp_path)
+    load(tmp_path)
+    layout = Layout(tmp_path)
+    (layout.image_dir(a) / "manifest.json").write_text("{not json")
+    removed = next(p for p in (layout.root / ".layers").glob("*/*"))
+    (removed / ".metadata" / "layers.json").unlink()
+    state = load(tmp_path)
+    assert a in state.unreadable and [i.public_name for i in state.images] == [b]
+    assert not state.layers[next(d for d in state.layers if d.hex == removed.name)].complete
+
+
+def test_a_document_changed_after_the_read_is_refused(tmp_path: Path) -> None:
+    a, _ = repository(tmp_path)
+    load(tmp_path)
+    image = load(tmp_path).image(a)
+    assert image is not None and image.config is not None
+    config = Layout(tmp_path).image_dir(a) / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"{ ", 1))
+    with pytest.raises(IntegrityError, match="changed while lazypod was running"):
+        image.config.raw  # noqa: B018
+
+
+def forge(private_cache: Path, diff_size: int) -> None:
+    """Change every layer's diff size in the cache, keys left as they are."""
+    path = next(private_cache.glob("records-*.json"))
+    obj = json.loads(path.read_bytes())
+    for entry in obj["layers"].values():
+        entry[1][1] = diff_size
+    path.write_text(json.dumps(obj))
+
+
+def test_only_the_users_own_private_cache_is_trusted(tmp_path: Path,
+                                                     private_cache: Path) -> None:
+    repository(tmp_path)
+    load(tmp_path)
+    forge(private_cache, 4242)
+    # The cache is used (what it says stands while the files are unchanged) ...
+    assert {r.diff_size for r in load(tmp_path).layers.values()} == {4242}
+    forge(private_cache, 4242)
+    cache_file = next(private_cache.glob("records-*.json"))
+    # ... but not when others can write it.
+    cache_file.chmod(0o666)
+    assert 4242 not in {r.diff_size for r in load(tmp_path).layers.values()}
+    cache_file.chmod(0o600)
+    private_cache.chmod(0o777)
+    forge(private_cache, 4242)
+    assert 4242 not in {r.diff_size for r in load(tmp_path).layers.values()}
+
+
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, private_cache: Path) -> None:
+    repository(tmp_path)
+    expected = summary(load(tmp_path))
+    cache_file = next(private_cache.glob("records-*.json"))
+    for junk in (b"", b"[1]", b'{"format": 5}', b"\xff\xfe", cache_file.read_bytes()[:100]):
+        cache_file.write_bytes(junk)
+        assert summary(load(tmp_path)) == expected
+        assert json.loads(cache_file.read_bytes())["format"] == record_cache.FORMAT
+
+
+def test_the_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAZYPOD_CACHE_DIR", "off")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    repository(tmp_path / "repo")
+    load(tmp_path / "repo")
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_manifest_stored_by_ducc_reads_the_same_from_the_cache(tmp_path: Path) -> None:
+    """DUCC re-encodes manifests with Go's field names; lazypod reads its own encoding
+    of them, and a cached record must give the same bytes."""
+    a, _ = repository(tmp_path)
+    path = Layout(tmp_path).image_dir(a) / "manifest.json"
+    obj = json.loads(path.read_bytes())
+
+    def upper(value):  # type: ignore[no-untyped-def]
+        if isinstance(value, dict):
+            return {k[:1].upper() + k[1:]: upper(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [upper(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(upper(obj)))
+    old = os.stat(path).st_mtime_ns - 10**9
+    os.utime(path, ns=(old, old))
+    time.sleep(0.02)
+    parsed = load(tmp_path).image(a)
+    cached = load(tmp_path).image(a)
+    assert parsed is not None and cached is not None
+    assert not isinstance(cached.manifest.body, bytes)  # rebuilt from the cache
+    assert cached.manifest.raw == parsed.manifest.raw != path.read_bytes()
+    assert cached.manifest.digest == parsed.manifest.digest
+
+
+def test_check_sees_a_big_data_file_damaged_after_a_clean_check(tmp_path: Path) -> None:
+    """`check` hashes the store's big-data files once, then while their `stat` holds."""
+    from lazypod.check import check_repository
+
+    a, _ = repository(tmp_path)
+    assert check_repository(tmp_path).ok
+    assert check_repository(tmp_path).ok  # from the cache
+    config = next((tmp_path / ".podmanStore/overlay-images").glob("*/=*"))
+    data = bytearray(config.read_bytes())
+    data[-2] ^= 1
+    with open(config, "r+b") as file:  # same inode, same size
+        file.write(data)
+    report = check_repository(tmp_path)
+    assert any("big data" in error and "does not match" in error for error in report.errors)
