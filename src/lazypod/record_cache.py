@@ -46,11 +46,11 @@ __all__ = ["RecordCache", "cache_dir", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lazypod record cache 3"
+FORMAT = "lazypod record cache 4"
 RACY_SECONDS = 2.0
 KEEP_FILES = 64  # caches of this many repositories; the least recently written go
 
-Key = list[int] | None  # size, mtime and ctime (ns); None: no such file
+Key = tuple[int, int, int] | None  # size, mtime and ctime (ns); None: no such file
 
 
 def stat_key(path: str) -> Key:
@@ -58,7 +58,7 @@ def stat_key(path: str) -> Key:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def cache_dir() -> Path | None:
@@ -105,99 +105,111 @@ class RecordCache:
     an entry whose key still holds, `put_*` record what was parsed; `save` writes it
     back when anything changed. Of each kind a command asks for, the entries it did
     not ask for are dropped (they are gone from the repository); kinds it did not
-    ask for are kept as they were."""
+    ask for are kept as they were.
+
+    The file is a header line (JSON: format, repository), then one line per entry:
+    `kind TAB name TAB key TAB payload` (payload: JSON, or a digest's hex). Entries are
+    held as their lines and a payload is decoded when asked for: a tree of JSON
+    objects for 50,000 entries took three times the memory of the text."""
 
     def __init__(self, root: Path) -> None:
         self._root = os.path.realpath(root)
         self._path: Path | None = None
-        self._old: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
-        self._new: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        self._old: dict[str, dict[str, str]] = {kind: {} for kind in _KINDS}
+        self._new: dict[str, dict[str, str]] = {kind: {} for kind in _KINDS}
         self._asked: set[str] = set()
         self._changed = False
-        self._started = time.time_ns()
+        self._racy = time.time_ns() - int(RACY_SECONDS * 1e9)
         directory = cache_dir()
         if directory is None:
             return
         name = hashlib.sha256(self._root.encode(errors="surrogateescape")).hexdigest()[:32]
-        self._path = directory / f"records-{name}.json"
+        self._path = directory / f"records-{name}.txt"
         with paused_gc():
-            self._old = self._read() or self._old
+            self._read()
 
-    def _read(self) -> dict[str, dict[str, Any]] | None:
+    def _header(self) -> str:
+        return json.dumps({"format": FORMAT, "root": self._root})
+
+    def _read(self) -> None:
         assert self._path is not None
         if not _owned(self._path.parent) or not _owned(self._path):
-            return None
+            return
         try:
-            obj = json.loads(self._path.read_bytes())
-            if obj.get("format") != FORMAT or obj.get("root") != self._root:
-                return None
-            found = {kind: obj.get(kind, {}) for kind in _KINDS}
-            if not all(isinstance(entries, dict) for entries in found.values()):
-                return None
-            return found
-        except (OSError, ValueError, KeyError, AttributeError):
-            return None
+            text = self._path.read_bytes().decode()
+        except (OSError, UnicodeDecodeError):
+            return
+        lines = text.split("\n")
+        if lines[0] != self._header():
+            return
+        for line in lines[1:]:
+            kind, _, rest = line.partition("\t")
+            name, tab, entry = rest.partition("\t")
+            entries = self._old.get(kind)
+            if entries is not None and tab:
+                entries[name] = entry
 
-    def _lookup(self, kind: str, name: str, keys: list[Key]) -> Any:
+    def _lookup(self, kind: str, name: str, key: str) -> str | None:
+        """The payload of a current entry (its key is `key`), or None."""
         self._asked.add(kind)
         entry = self._old[kind].get(name)
-        if entry is not None and entry[0] == keys:
+        if entry is not None and entry.startswith(key) and entry[len(key):len(key) + 1] == "\t":
             self._new[kind][name] = entry
-            return entry[1]
+            return entry[len(key) + 1:]
         self._changed = True
         return None
 
-    def _put(self, kind: str, name: str, keys: list[Key], data: Any) -> None:
-        racy = self._started - int(RACY_SECONDS * 1e9)
-        if all(k is None or k[2] < racy for k in keys):
-            self._new[kind][name] = [keys, data]
+    def _put(self, kind: str, name: str, keys: list[Key], payload: str) -> None:
+        self._changed = True
+        if "\t" in name or "\n" in name or "\n" in payload:
+            return
+        if all(k is None or k[2] < self._racy for k in keys):
+            self._new[kind][name] = f"{_key_text(keys)}\t{payload}"
 
     def image(self, rel: str, directory: str, keys: list[Key]
               ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
                          ManifestIndex | None] | None:
-        data = self._lookup("images", rel, keys)
-        if data is None:
+        payload = self._lookup("images", rel, _key_text(keys))
+        if payload is None:
             return None
         try:
-            return _image_from(data, directory)
-        except (ValueError, TypeError, KeyError, IndexError):
+            return _image_from(json.loads(payload), directory)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             self._new["images"].pop(rel, None)
             return None
 
     def put_image(self, rel: str, keys: list[Key], reference: ImageReference,
                   manifest: ImageManifest, config: ImageConfig | None,
                   index: ManifestIndex | None, file_digest: Digest) -> None:
-        self._put("images", rel, keys, _image_data(reference, manifest, config, index,
-                                                   file_digest))
+        data = _image_data(reference, manifest, config, index, file_digest)
+        self._put("images", rel, keys, json.dumps(data, separators=(",", ":")))
 
     def layer(self, hex_digest: str, keys: list[Key]) -> list[Any] | None:
-        data = self._lookup("layers", hex_digest, keys)
+        payload = self._lookup("layers", hex_digest, _key_text(keys))
+        try:
+            data = None if payload is None else json.loads(payload)
+        except ValueError:
+            data = None
         return data if isinstance(data, list) else None
 
     def put_layer(self, hex_digest: str, keys: list[Key], data: list[Any]) -> None:
-        self._put("layers", hex_digest, keys, data)
+        self._put("layers", hex_digest, keys, json.dumps(data, separators=(",", ":")))
 
     def file_digest(self, name: str, path: str) -> str | None:
         """The sha256 digest (`sha256:...`) of the file at `path` (`name`: a name for
-        it, unique in the repository), or None if it cannot be read. Kept as one
-        string per file ("size mtime ctime hex"): a check meets 30,000 of them."""
-        self._asked.add("digests")
-        key = stat_key(path)
-        if key is None:
+        it, unique in the repository), or None if it cannot be read."""
+        keys = [stat_key(path)]
+        if keys[0] is None:
             return None
-        stamp = f"{key[0]} {key[1]} {key[2]} "
-        entry = self._old["digests"].get(name)
-        if isinstance(entry, str) and entry.startswith(stamp):
-            self._new["digests"][name] = entry
-            return f"sha256:{entry[len(stamp):]}"
-        self._changed = True
+        found = self._lookup("digests", name, _key_text(keys))
+        if found is not None and len(found) == 64:
+            return f"sha256:{found}"
         try:
             with open(path, "rb") as file:
                 digest = hashlib.file_digest(file, "sha256").hexdigest()
         except OSError:
             return None
-        if key[2] < self._started - int(RACY_SECONDS * 1e9):
-            self._new["digests"][name] = stamp + digest
+        self._put("digests", name, keys, digest)
         return f"sha256:{digest}"
 
     def save(self) -> None:
@@ -206,26 +218,32 @@ class RecordCache:
             return
         for kind in set(_KINDS) - self._asked:
             self._new[kind] = self._old[kind]
-        dropped = any(set(self._old[k]) - set(self._new[k]) for k in _KINDS)
+        dropped = any(len(self._old[k]) != len(self._new[k]) for k in _KINDS)
         if not self._changed and not dropped:
             return
-        obj = {"format": FORMAT, "root": self._root, **self._new}
+        lines = [self._header()]
+        for kind in _KINDS:
+            lines += [f"{kind}\t{name}\t{entry}" for name, entry in self._new[kind].items()]
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
         try:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not _owned(self._path.parent):
                 return
-            tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-            write_new(tmp, json.dumps(obj, separators=(",", ":")).encode(), mode=0o600)
+            write_new(tmp, "\n".join(lines).encode(), mode=0o600)
             os.replace(tmp, self._path)
             _prune(self._path.parent)
         except OSError as exc:
             log.debug("record cache %s not written: %s", self._path, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
 
+def _key_text(keys: list[Key]) -> str:
+    return ";".join("-" if k is None else f"{k[0]},{k[1]},{k[2]}" for k in keys)
+
+
 def _prune(directory: Path) -> None:
-    files = sorted(directory.glob("records-*.json"), key=lambda p: p.stat().st_mtime)
+    files = sorted(directory.glob("records-*"), key=lambda p: p.stat().st_mtime)
     for old in files[:-KEEP_FILES]:
         with contextlib.suppress(OSError):
             old.unlink()

@@ -76,7 +76,7 @@ def test_a_second_read_parses_no_record(tmp_path: Path, monkeypatch: pytest.Monk
                                         private_cache: Path) -> None:
     repository(tmp_path)
     first = load(tmp_path)
-    assert list(private_cache.glob("records-*.json"))
+    assert list(private_cache.glob("records-*"))
     reads = Reads(monkeypatch)
     second = load(tmp_path)
     assert reads.images == [] and reads.layers == []
@@ -142,11 +142,15 @@ def test_a_document_changed_after_the_read_is_refused(tmp_path: Path) -> None:
 
 def forge(private_cache: Path, diff_size: int) -> None:
     """Change every layer's diff size in the cache, keys left as they are."""
-    path = next(private_cache.glob("records-*.json"))
-    obj = json.loads(path.read_bytes())
-    for entry in obj["layers"].values():
-        entry[1][1] = diff_size
-    path.write_text(json.dumps(obj))
+    path = next(private_cache.glob("records-*"))
+    lines = path.read_text().split("\n")
+    for i, line in enumerate(lines):
+        kind, name, key, payload = [*line.split("\t"), "", "", ""][:4]
+        if kind == "layers":
+            data = json.loads(payload)
+            data[1] = diff_size
+            lines[i] = "\t".join((kind, name, key, json.dumps(data)))
+    path.write_text("\n".join(lines))
 
 
 def test_only_the_users_own_private_cache_is_trusted(tmp_path: Path,
@@ -157,7 +161,7 @@ def test_only_the_users_own_private_cache_is_trusted(tmp_path: Path,
     # The cache is used (what it says stands while the files are unchanged) ...
     assert {r.diff_size for r in load(tmp_path).layers.values()} == {4242}
     forge(private_cache, 4242)
-    cache_file = next(private_cache.glob("records-*.json"))
+    cache_file = next(private_cache.glob("records-*"))
     # ... but not when others can write it.
     cache_file.chmod(0o666)
     assert 4242 not in {r.diff_size for r in load(tmp_path).layers.values()}
@@ -170,11 +174,17 @@ def test_only_the_users_own_private_cache_is_trusted(tmp_path: Path,
 def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, private_cache: Path) -> None:
     repository(tmp_path)
     expected = summary(load(tmp_path))
-    cache_file = next(private_cache.glob("records-*.json"))
-    for junk in (b"", b"[1]", b'{"format": 5}', b"\xff\xfe", cache_file.read_bytes()[:100]):
+    cache_file = next(private_cache.glob("records-*"))
+    whole = cache_file.read_bytes()
+    header, _, entries = whole.partition(b"\n")
+    damaged = [b"", b"[1]", b'{"format": 5}', b"\xff\xfe", whole[:len(header) + 100],
+               header + b"\nlayers\tab\tc\n\t\t\t",
+               header + b"\n" + entries.replace(b"[", b"{")]
+    for junk in damaged:
         cache_file.write_bytes(junk)
         assert summary(load(tmp_path)) == expected
-        assert json.loads(cache_file.read_bytes())["format"] == record_cache.FORMAT
+        assert json.loads(cache_file.read_bytes().split(b"\n")[0])["format"] == \
+            record_cache.FORMAT
 
 
 def test_the_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,7 +225,7 @@ def test_check_sees_a_big_data_file_damaged_after_a_clean_check(tmp_path: Path) 
     """`check` hashes the store's big-data files once, then while their `stat` holds."""
     from lazypod.check import check_repository
 
-    a, _ = repository(tmp_path)
+    repository(tmp_path)
     assert check_repository(tmp_path).ok
     assert check_repository(tmp_path).ok  # from the cache
     config = next((tmp_path / ".podmanStore/overlay-images").glob("*/=*"))
