@@ -28,7 +28,7 @@ from .layout import LAYERFS, METADATA, PODMAN_LAYERS, PODMAN_STORE, STAGING, Lay
 from .record_cache import RecordCache, paused_gc
 from .repository import TAR_SPLIT, LayerRecord, RepositoryState
 from .securepath import LayerDir, clean_member_name, display
-from .views.podman_store import big_data_file_name, build_store_model
+from .views.podman_store import big_data_file_name, store_refusal
 from .views.store_files import IMAGES_LOCK, LAYERS_LOCK, read_store
 
 __all__ = ["CheckReport", "check_repository", "verify_layer"]
@@ -65,6 +65,7 @@ def _check(root: Path, deep: bool, public_root: str | None,
                          layers=len(state.layers))
     report.errors += state.problems
     public = (public_root or str(root.absolute())).rstrip("/")
+    dirs = _Dirs()
 
     for image in state.images:
         name = image.public_name
@@ -87,13 +88,13 @@ def _check(root: Path, deep: bool, public_root: str | None,
                                      f"{record.diff_id}, the config says "
                                      f"{image.config.diff_ids[index]}")
         link = f"{root}/{image.link}"
-        if os.path.islink(link) and not os.path.isdir(link):
+        if not dirs.isdir(link) and os.path.islink(link):
             report.errors.append(f"{name}: public link {os.readlink(link)} is dangling")
 
     for digest, record in state.layers.items():
         if not record.complete:
             continue
-        if not os.path.isdir(f"{root}/{state.layout.layer_rel(digest)}/{LAYERFS}"):
+        if not dirs.isdir(f"{root}/{state.layout.layer_rel(digest)}/{LAYERFS}"):
             report.errors.append(f"layer {digest.short}: no layerfs directory")
         elif deep:
             if on_layer:
@@ -105,8 +106,8 @@ def _check(root: Path, deep: bool, public_root: str | None,
                 report.verified_layers += 1
                 report.verified_bytes += record.diff_size or 0
 
-    _check_store(state, public, report, cache)
-    _check_layer_store(root, public, report)
+    _check_store(state, public, report, cache, dirs)
+    _check_layer_store(root, public, report, dirs)
     cache.save()
     _check_mount(root, report)
     if (root / STAGING).exists():
@@ -122,8 +123,22 @@ def _local(target: str, public: str, root: Path) -> str:
     return target
 
 
+class _Dirs:
+    """Which paths are directories: each layer's `layerfs` is the target of a layer
+    check, a store link and a layer store link, and is asked for once."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, bool] = {}
+
+    def isdir(self, path: str) -> bool:
+        found = self._known.get(path)
+        if found is None:
+            found = self._known[path] = os.path.isdir(path)
+        return found
+
+
 def _check_store(state: RepositoryState, public: str, report: CheckReport,
-                 cache: RecordCache) -> None:
+                 cache: RecordCache, dirs: _Dirs) -> None:
     """What podman sees: every image the repository should offer is offered, and
     every store entry is one podman accepts."""
     root = state.layout.root
@@ -140,24 +155,26 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
     store = read_store(store_root)
     for problem in store.problems:
         report.errors.append(f"{PODMAN_STORE}: {problem} (the next conversion rewrites it)")
-    expected = build_store_model(state, lambda message: None)
     offered = store.names()
-    for image in expected.images.values():
-        for name in image.names:
-            if name not in offered:
-                report.errors.append(f"{name}: in .metadata but not in {PODMAN_STORE} (a run "
-                                     "did not finish: convert again to complete it)")
+    owners: dict[str, str] = {}
+    for image in state.images:  # every image the store can hold, as rendering decides
+        if store_refusal(state, image, owners) is None:
+            owners[image.podman_name] = image.public_name
+            if image.podman_name not in offered:
+                report.errors.append(f"{image.podman_name}: in .metadata but not in "
+                                     f"{PODMAN_STORE} (a run did not finish: convert again "
+                                     "to complete it)")
     names: set[str] = set()
     for image_id, entry in store.images.items():
-        for name in entry.get("names", []):
+        for name in entry.names:
             if name in names:
                 report.errors.append(f"{PODMAN_STORE}: name {name} on two images (podman "
                                      "refuses such a store)")
             names.add(name)
-        if store.chain(entry.get("layer")) is None:
+        if store.chain(entry.layer) is None:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]} needs a layer that "
                                  "layers.json lacks (podman refuses it)")
-        _check_big_data(store_root, image_id, entry, report, cache)
+        _check_big_data(store_root, image_id, entry.decoded(), report, cache)
     for layer_id in store.layers:
         diff = f"{store_root}/overlay/{layer_id}/diff"
         try:
@@ -168,7 +185,7 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
         if not target.startswith("/"):
             report.errors.append(f"{PODMAN_STORE}: layer {layer_id[:12]} diff link is "
                                  "relative (containers/storage wants it absolute)")
-        elif not os.path.isdir(_local(target, public, root)):
+        elif not dirs.isdir(_local(target, public, root)):
             report.errors.append(f"{PODMAN_STORE}: layer {layer_id[:12]} diff link {target} "
                                  "leads nowhere")
 
@@ -212,7 +229,7 @@ def _mount_options(path: Path) -> set[str]:
     return options
 
 
-def _check_layer_store(root: Path, public: str, report: CheckReport) -> None:
+def _check_layer_store(root: Path, public: str, report: CheckReport, dirs: _Dirs) -> None:
     store = root / PODMAN_LAYERS
     if not store.is_dir():
         return
@@ -223,7 +240,7 @@ def _check_layer_store(root: Path, public: str, report: CheckReport) -> None:
         except OSError:
             report.errors.append(f"{PODMAN_LAYERS}/{name}: no diff link")
             continue
-        if not os.path.isdir(_local(target, public, root)) or \
+        if not dirs.isdir(_local(target, public, root)) or \
                 not os.path.isfile(f"{entry}/info") or not os.path.exists(f"{entry}/blob"):
             report.errors.append(f"{PODMAN_LAYERS}/{name}: diff, info or blob missing")
 

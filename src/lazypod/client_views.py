@@ -155,7 +155,7 @@ def _complete_configs(
     warn: Callable[[str], None],
 ) -> None:
     cache = writer.layout.root / _CONFIG_CACHE
-    for i, image in enumerate(state.images):
+    for image in list(state.images):
         if image.config is not None:
             report.configs_local += 1
             continue
@@ -179,7 +179,7 @@ def _complete_configs(
                 continue
             writer.write_file(f"{_CONFIG_CACHE}/{digest.hex}.json", raw)
             report.configs_fetched += 1
-        state.images[i] = dataclasses.replace(image, config=ImageConfig.parse(raw, digest))
+        state.replace_image(dataclasses.replace(image, config=ImageConfig.parse(raw, digest)))
 
 
 def _read_verified(path: Path, digest: Digest) -> bytes | None:

@@ -379,8 +379,9 @@ class _Pipeline:
             self._notifier.emit("publish_layer", image=name, layer_digest=digest.hex)
         if not self._options.views.flat:
             return
+        position = {id(result): i for i, result in enumerate(self._report.images)}
         for result in converted:
-            names = self._names.get(self._report.images.index(result))
+            names = self._names.get(position[id(result)])
             image = self._state.image(names.metadata) if names else None
             if image is None or image.config is None:
                 continue

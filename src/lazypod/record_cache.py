@@ -42,7 +42,7 @@ from .fsutil import write_new
 from .manifest import Descriptor, ImageConfig, ImageManifest, ManifestIndex, Platform, StoredBytes
 from .reference import ImageReference
 
-__all__ = ["RecordCache", "cache_dir", "paused_gc", "stat_key"]
+__all__ = ["RecordCache", "cache_dir", "cached_digest", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +258,18 @@ def _desc(d: Descriptor) -> list[Any]:
 _DIGESTS: dict[str, Digest] = {}
 
 
-def _digest(text: str) -> Digest:
-    """One object per digest (a cache names each shared layer thousands of times)."""
+def cached_digest(text: str) -> Digest:
+    """The digest a cache entry names: one object per digest (a cache names each
+    shared layer thousands of times); a sha256 digest whose hex is alphanumeric (no
+    path could be made of it) is taken as the cache wrote it, without the parser's
+    regular expression (40,000 of them at 10,000 images)."""
     found = _DIGESTS.get(text)
     if found is None:
-        found = _DIGESTS[text] = Digest.parse(text)
+        if len(text) == 71 and text.startswith("sha256:") and text[7:].isalnum():
+            found = Digest("sha256", text[7:])
+        else:
+            found = Digest.parse(text)
+        _DIGESTS[text] = found
     return found
 
 
@@ -272,12 +279,12 @@ _DESCRIPTORS: dict[tuple[str, str, int], Descriptor] = {}
 def _desc_from(obj: list[Any]) -> Descriptor:
     plat = obj[3]
     if plat:
-        return Descriptor(obj[0], _digest(obj[1]), int(obj[2]),
+        return Descriptor(obj[0], cached_digest(obj[1]), int(obj[2]),
                           Platform(plat[0], plat[1], plat[2]))
     key = (obj[0], obj[1], obj[2])  # layers shared by many images: one object each
     found = _DESCRIPTORS.get(key)
     if found is None:
-        found = _DESCRIPTORS[key] = Descriptor(obj[0], _digest(obj[1]), int(obj[2]))
+        found = _DESCRIPTORS[key] = Descriptor(obj[0], cached_digest(obj[1]), int(obj[2]))
     return found
 
 
@@ -307,22 +314,22 @@ def _image_from(data: dict[str, Any], directory: str
     from .repository import reencode_ducc_manifest  # the one place that knows that form
 
     registry, repository, tag, digest = data["ref"]
-    reference = ImageReference(registry, repository, tag, _digest(digest) if digest else None)
+    reference = ImageReference(registry, repository, tag, cached_digest(digest) if digest else None)
     m = data["m"]
     body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
                        reencode_ducc_manifest if m[3] else None)
-    manifest = ImageManifest(body, _digest(m[1]), m[0], _desc_from(m[4]),
+    manifest = ImageManifest(body, cached_digest(m[1]), m[0], _desc_from(m[4]),
                              tuple(_desc_from(d) for d in m[5]))
     config = None
     if "c" in data:
         c = data["c"]
         config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
-                             manifest.config.digest, tuple(_digest(d) for d in c[1]),
+                             manifest.config.digest, tuple(cached_digest(d) for d in c[1]),
                              c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
                              dict(c[7]))
     index = None
     if "i" in data:
         i = data["i"]
         index = ManifestIndex(StoredBytes(f"{directory}/index.json", int(i[2])),
-                              _digest(i[1]), i[0], tuple(_desc_from(d) for d in i[3]))
+                              cached_digest(i[1]), i[0], tuple(_desc_from(d) for d in i[3]))
     return reference, manifest, config, index

@@ -7,6 +7,7 @@ is what lets a client build views for a repository it did not write.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fnmatch
 import json
@@ -22,7 +23,7 @@ from .errors import LazypodError
 from .fsutil import listdir
 from .layout import LAYER_RECORD, LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
-from .record_cache import Key, RecordCache, paused_gc, stat_key
+from .record_cache import Key, RecordCache, cached_digest, paused_gc, stat_key
 from .reference import ImageReference, parse_reference
 
 __all__ = [
@@ -186,6 +187,11 @@ class RepositoryState:
     # What this run put or dropped: images (public names) and the layers they use.
     touched: set[str] = field(default_factory=set)
     touched_layers: set[Digest] = field(default_factory=set)
+    # `images` by public name (a run looks up and puts 10,000s of images: a list scan
+    # each was quadratic); made when first needed, kept by the methods that change
+    # `images` (change the list through them).
+    _by_name: dict[str, ImageRecord] | None = field(default=None, repr=False,
+                                                    compare=False)
 
     @classmethod
     def load(cls, layout: Layout, cache: RecordCache | None = None) -> RepositoryState:
@@ -224,17 +230,32 @@ class RepositoryState:
         self.layers[record.digest] = record
         self.touched_layers.add(record.digest)
 
+    def _index(self) -> dict[str, ImageRecord]:
+        if self._by_name is None:
+            self._by_name = {image.public_name: image for image in self.images}
+        return self._by_name
+
+    def _position(self, public_name: str) -> int:
+        return bisect.bisect_left(self.images, public_name, key=lambda i: i.public_name)
+
     def put_image(self, image: ImageRecord) -> None:
         self.drop_image(image.public_name)
-        self.images.append(image)
-        self.images.sort(key=lambda i: i.public_name)
+        self.images.insert(self._position(image.public_name), image)
+        self._index()[image.public_name] = image
         self.touched_layers.update(b.digest for b in image.manifest.layers)
 
+    def replace_image(self, image: ImageRecord) -> None:
+        """Put a fuller record of an image (e.g. its config fetched) in place of the
+        one read, without counting it as changed by this run."""
+        at = self._position(image.public_name)
+        assert self.images[at].public_name == image.public_name
+        self.images[at] = self._index()[image.public_name] = image
+
     def drop_image(self, public_name: str) -> None:
-        for image in self.images:
-            if image.public_name == public_name:
-                self.touched_layers.update(b.digest for b in image.manifest.layers)
-        self.images = [i for i in self.images if i.public_name != public_name]
+        old = self._index().pop(public_name, None)
+        if old is not None:
+            self.touched_layers.update(b.digest for b in old.manifest.layers)
+            del self.images[self._position(public_name)]
         self.unreadable.pop(public_name, None)
         self.touched.add(public_name)
 
@@ -246,10 +267,11 @@ class RepositoryState:
 
         self.images = [i for i in self.images
                        if wanted(i.public_name, i.link, i.podman_name)]
+        self._by_name = None
         self.unreadable = {n: why for n, why in self.unreadable.items() if wanted(n)}
 
     def image(self, public_name: str) -> ImageRecord | None:
-        return next((i for i in self.images if i.public_name == public_name), None)
+        return self._index().get(public_name)
 
     def find(self, ref: ImageReference) -> ImageRecord | None:
         """The image `ref` names, whichever tool named it in the layout."""
@@ -306,7 +328,7 @@ def _scan_layers(layers_root: Path, cache: RecordCache) -> Iterator[tuple[Digest
         for name in listdir(parent):
             if len(name) != 64 or not name.startswith(prefix):
                 continue
-            digest = Digest.parse(f"sha256:{name}")
+            digest = Digest("sha256", name)
             layer_dir = f"{parent}/{name}"
             meta = f"{layer_dir}/{METADATA}/"
             # The record's content, and which files the folder holds (a file added,
@@ -335,7 +357,7 @@ def _layer_data(record: LayerRecord) -> list[Any]:
 
 def _layer_from(digest: Digest, data: list[Any]) -> LayerRecord:
     diff_id, diff_size, created, uidset, gidset, tar_split, whiteouts = data
-    return LayerRecord(digest, Digest.parse(diff_id),
+    return LayerRecord(digest, cached_digest(diff_id),
                        None if diff_size is None else int(diff_size), created,
                        tuple(int(u) for u in uidset), tuple(int(g) for g in gidset),
                        bool(tar_split), bool(whiteouts))

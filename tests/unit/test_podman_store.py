@@ -255,3 +255,37 @@ def test_a_layer_repeated_in_one_image_gets_an_id_per_position(tmp_path: Path) -
     assert set(layers) == set(ids)
     assert layers[ids[2]]["parent"] == ids[1] and layers[ids[1]]["parent"] == ids[0]
     assert (root / f"{HOST}/library/repeat:1/marker").read_bytes() == b"same bytes"
+
+
+def test_store_records_are_read_one_by_one_and_written_back_as_they_were() -> None:
+    """Records are kept as their text (`StoreEntry`): a store written back unchanged is
+    the same bytes, and damaged files are refused whole, with what is wrong."""
+    import json as _json
+    import tempfile
+    from pathlib import Path as _Path
+
+    from lazypod.views.store_files import IMAGES_JSON, dump_entries, read_store
+
+    entries = [{"id": "a" * 64, "names": ["x:1"], "digest": "sha256:" + "1" * 64,
+                "layer": "b" * 64, "big-data-names": ["manifest"], "created": "2024"},
+               {"id": "c" * 64, "names": [], "digest": "sha256:" + "2" * 64}]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _Path(tmp)
+        (root / "overlay-images").mkdir()
+        path = root / IMAGES_JSON
+        compact = _json.dumps(entries, separators=(",", ":")).encode()
+        path.write_bytes(compact)
+        store = read_store(root)
+        assert not store.problems
+        assert dump_entries(list(store.images.values())) == compact
+        assert store.images["a" * 64].decoded() == entries[0]
+        assert store.images["a" * 64].names == ("x:1",) and store.names() == {"x:1"}
+        path.write_text(_json.dumps(entries, indent=2))  # another layout: same records
+        assert [e.decoded() for e in read_store(root).images.values()] == entries
+        for damaged, problem in ((compact[:-5], "is not JSON"), (b'{"a": 1}', "not a list"),
+                                 (compact + b"x", "is not JSON"), (b"\xff[", "is not JSON"),
+                                 (b'[{"id": 5}, 3]', "2 malformed")):
+            path.write_bytes(damaged)
+            found = read_store(root)
+            assert any(problem in p for p in found.problems), (damaged, found.problems)
+            assert not found.images

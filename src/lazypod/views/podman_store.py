@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import secrets
 import struct
@@ -42,9 +41,19 @@ from ..manifest import Compression, Descriptor, Document
 from ..reference import parse_reference
 from ..repository import TAR_SPLIT, ImageRecord, LayerRecord, RepositoryState
 from .scope import FULL, Scope
-from .store_files import IMAGES_JSON, IMAGES_LOCK, LAYERS_JSON, LAYERS_LOCK, StoreFiles, read_store
+from .store_files import (
+    IMAGES_JSON,
+    IMAGES_LOCK,
+    LAYERS_JSON,
+    LAYERS_LOCK,
+    StoreEntry,
+    StoreFiles,
+    dump_entries,
+    read_store,
+)
 
-__all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store"]
+__all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store",
+           "store_refusal"]
 
 _PLAIN_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
 
@@ -166,10 +175,10 @@ def build_store_model(state: RepositoryState, warn: Callable[[str], None],
     return model
 
 
-def _add_image(
-    model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str],
-    rendered: bool = True,
-) -> str | None:
+def store_refusal(state: RepositoryState, image: ImageRecord,
+                  owners: dict[str, str]) -> str | None:
+    """Why the image cannot be in a podman store (None: it can); `owners`: podman
+    names already given, to the public name that has each."""
     config = image.config
     if config is None:
         return "no config.json next to its manifest (run `lazypod views` with registry access)"
@@ -179,14 +188,25 @@ def _add_image(
         return "its config and manifest disagree on the number of layers"
     if image.podman_name in owners:
         return f"podman name {image.podman_name} is already taken by {owners[image.podman_name]}"
-    records: list[LayerRecord] = []
     for blob, diff_id in zip(image.manifest.layers, config.diff_ids, strict=True):
         record = state.layer(blob.digest)
         if record is None or not record.complete:
             return f"layer {blob.digest.short} is missing from .layers"
         if record.diff_id != diff_id:
             return f"layer {blob.digest.short} has diff ID {record.diff_id}, config says {diff_id}"
-        records.append(record)
+    return None
+
+
+def _add_image(
+    model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str],
+    rendered: bool = True,
+) -> str | None:
+    why = store_refusal(state, image, owners)
+    if why:
+        return why
+    config = image.config
+    assert config is not None
+    records = [state.layers[blob.digest] for blob in image.manifest.layers]
     ids = chain_ids(list(config.diff_ids))
     for i, (layer_id, record, blob) in enumerate(
         zip(ids, records, image.manifest.layers, strict=True)
@@ -282,25 +302,37 @@ def render_image_store(
         if scope.full or image.id not in old.images or image.id in model.rendered_images:
             _ensure_big_data(writer, root, prefix, image)
 
-    layer_entries = {lid: layer.entry(created) for lid, layer in model.layers.items()}
-    for lid, entry in old.layers.items():
-        if lid in layer_entries and isinstance(entry.get("created"), str):
-            layer_entries[lid]["created"] = entry["created"]  # keep the first publication time
+    # A layer the scope leaves as it is keeps its record as read; the others are made
+    # anew, with the time the layer was first published.
+    layer_entries: dict[str, dict[str, Any] | StoreEntry] = {}
+    for lid, layer in model.layers.items():
+        entry = old.layers.get(lid)
+        if entry is not None and not scope.full and lid not in model.rendered_layers:
+            layer_entries[lid] = entry
+            continue
+        layer_entries[lid] = made = layer.entry(created)
+        if entry is not None and entry.created is not None:
+            made["created"] = entry.created
     layer_entries.update(kept_layers)
     image_entries = [_entry(image, old, model, scope) for image in model.images.values()]
     image_entries += list(kept_images.values())
     stale_layers = set(old.layers) - set(layer_entries)
 
-    images_json = _dump(image_entries)
-    layers_json = _dump(list(layer_entries.values()))
-    current = (read_or_none(root / IMAGES_JSON), read_or_none(root / LAYERS_JSON))
-    if current != (images_json, layers_json):
+    images_json = dump_entries(image_entries)
+    del image_entries
+    layers_json = dump_entries(list(layer_entries.values()))
+    # What the files held when read (their digests: not a second copy of 10 MB).
+    current = (old.digests.get(IMAGES_JSON), old.digests.get(LAYERS_JSON))
+    if current != (_sha256(images_json), _sha256(layers_json)):
         with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
             # Layers before the images that name them, and until the images that
             # used them are gone, the layers that go: every state podman reads is whole.
-            union = [*layer_entries.values(), *(old.layers[i] for i in sorted(stale_layers))]
-            if stale_layers or _dump(union) != current[1]:
-                writer.write_file(f"{prefix}/{LAYERS_JSON}", _dump(union))
+            union = dump_entries([*layer_entries.values(),
+                                  *(old.layers[i] for i in sorted(stale_layers))]) \
+                if stale_layers else layers_json
+            if stale_layers or _sha256(union) != current[1]:
+                writer.write_file(f"{prefix}/{LAYERS_JSON}", union)
+            del union
             writer.write_file(f"{prefix}/{IMAGES_JSON}", images_json)
             if stale_layers:
                 writer.write_file(f"{prefix}/{LAYERS_JSON}", layers_json)
@@ -324,13 +356,13 @@ def render_image_store(
 
 
 def _entry(image: StoreImage, old: StoreFiles, model: StoreModel, scope: Scope
-           ) -> dict[str, Any]:
+           ) -> dict[str, Any] | StoreEntry:
     """The image's record: the one the store has when the scope leaves the image as it
     is (the same names and manifest), else made anew (its big-data digests hashed)."""
     if not scope.full and image.id not in model.rendered_images:
         entry = old.images.get(image.id)
-        if entry is not None and entry.get("names") == image.names and \
-                entry.get("digest") == image.digest:
+        if entry is not None and list(entry.names) == image.names and \
+                entry.digest == image.digest:
             return entry
     return image.entry()
 
@@ -343,18 +375,17 @@ def _carry_over(model: StoreModel, old: StoreFiles, root: Path
     images: dict[str, dict[str, Any]] = {}
     layers: dict[str, dict[str, Any]] = {}
     for image_id, entry in old.images.items():
-        names = [n for n in entry.get("names", []) if n in model.skipped_names
-                 and n not in taken]
+        names = [n for n in entry.names if n in model.skipped_names and n not in taken]
         if not names or image_id in model.images:
             continue
-        chain = old.chain(entry.get("layer"))
+        chain = old.chain(entry.layer)
         if chain is None or not all(
                 (root / "overlay" / lid / "diff").resolve().is_dir() for lid in chain):
             continue
-        images[image_id] = {**entry, "names": names}
+        images[image_id] = {**entry.decoded(), "names": names}
         for lid in chain:
             if lid not in model.layers:
-                layers[lid] = old.layers[lid]
+                layers[lid] = old.layers[lid].decoded()
     return images, layers
 
 
@@ -433,8 +464,8 @@ def _remove_layer(writer: TreeWriter, root: Path, prefix: str, layer_id: str) ->
     writer.remove(f"{prefix}/overlay-layers/{layer_id}.tar-split.gz")
 
 
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _now() -> str:

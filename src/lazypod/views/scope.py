@@ -73,8 +73,8 @@ def scope_for(state: RepositoryState, store_root: Path, old: StoreFiles, public_
         break
     # By name, ID and manifest: an image pushed again with the same config and other
     # layer blobs (recompressed) has the same ID and must be rendered again.
-    known = {(name, image_id, entry.get("digest")) for image_id, entry in old.images.items()
-             for name in entry.get("names", ()) if isinstance(name, str)}
+    known = {(name, image_id, entry.digest) for image_id, entry in old.images.items()
+             for name in entry.names}
     settled = frozenset(
         image.public_name for image in state.images
         if image.config is not None and image.public_name not in state.touched
