@@ -152,7 +152,7 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
         elif path.stat().st_mode & 0o444 != 0o444:
             report.errors.append(f"{PODMAN_STORE}/{lock} is not world-readable: rootless "
                                  "podman cannot open it")
-    store = read_store(store_root)
+    store = read_store(store_root, big_data=True)
     for problem in store.problems:
         report.errors.append(f"{PODMAN_STORE}: {problem} (the next conversion rewrites it)")
     offered = store.names()
@@ -174,7 +174,7 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
         if store.chain(entry.layer) is None:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]} needs a layer that "
                                  "layers.json lacks (podman refuses it)")
-        _check_big_data(store_root, image_id, entry.decoded(), report, cache)
+        _check_big_data(store_root, image_id, entry.big_data_digests, report, cache)
     for layer_id in store.layers:
         diff = f"{store_root}/overlay/{layer_id}/diff"
         try:
@@ -190,11 +190,10 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
                                  "leads nowhere")
 
 
-def _check_big_data(store_root: Path, image_id: str, entry: dict[str, Any],
+def _check_big_data(store_root: Path, image_id: str, digests: dict[str, Any] | None,
                     report: CheckReport, cache: RecordCache) -> None:
     """Each big-data file has its digest (hashed once; then while its `stat` holds)."""
-    digests = entry.get("big-data-digests")
-    if not isinstance(digests, dict):
+    if digests is None:
         return
     for key, expected in digests.items():
         name = f"{image_id}/{big_data_file_name(str(key))}"

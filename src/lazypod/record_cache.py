@@ -46,7 +46,7 @@ __all__ = ["RecordCache", "cache_dir", "cached_digest", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lazypod record cache 4"
+FORMAT = "lazypod record cache 5"
 RACY_SECONDS = 2.0
 KEEP_FILES = 64  # caches of this many repositories; the least recently written go
 
@@ -107,14 +107,17 @@ class RecordCache:
     not ask for are dropped (they are gone from the repository); kinds it did not
     ask for are kept as they were.
 
-    The file is a header line (JSON: format, repository), then one line per entry:
-    `kind TAB name TAB key TAB payload` (payload: JSON, or a digest's hex). Entries are
-    held as their lines and a payload is decoded when asked for: a tree of JSON
-    objects for 50,000 entries took three times the memory of the text."""
+    The file is a header line (JSON: format, repository), then a section per kind
+    (`@kind`) of one line per entry: `name TAB key TAB payload` (payload: JSON, or a
+    digest's hex). A section is split into entries when its kind is first asked for
+    (`ls` never splits the 30,000 digests `check` keeps), entries are held as their
+    text, and a payload is decoded when asked for: a tree of JSON objects for 50,000
+    entries took three times the memory of the text."""
 
     def __init__(self, root: Path) -> None:
         self._root = os.path.realpath(root)
         self._path: Path | None = None
+        self._sections: dict[str, str] = {}  # kind -> its lines, not yet split
         self._old: dict[str, dict[str, str]] = {kind: {} for kind in _KINDS}
         self._new: dict[str, dict[str, str]] = {kind: {} for kind in _KINDS}
         self._asked: set[str] = set()
@@ -139,19 +142,30 @@ class RecordCache:
             text = self._path.read_bytes().decode()
         except (OSError, UnicodeDecodeError):
             return
-        lines = text.split("\n")
-        if lines[0] != self._header():
+        header, *sections = text.split("\n@")
+        if header != self._header():
             return
-        for line in lines[1:]:
-            kind, _, rest = line.partition("\t")
-            name, tab, entry = rest.partition("\t")
-            entries = self._old.get(kind)
-            if entries is not None and tab:
-                entries[name] = entry
+        for section in sections:
+            kind, _, lines = section.partition("\n")
+            if kind in _KINDS:
+                self._sections[kind] = lines
+
+    def _entries(self, kind: str) -> dict[str, str]:
+        """The old entries of a kind, its section split when first asked for."""
+        lines = self._sections.pop(kind, None)
+        if lines is not None:
+            entries = self._old[kind]
+            for line in lines.split("\n"):
+                name, tab, entry = line.partition("\t")
+                if tab:
+                    entries[name] = entry
+        return self._old[kind]
 
     def _lookup(self, kind: str, name: str, key: str) -> str | None:
         """The payload of a current entry (its key is `key`), or None."""
-        self._asked.add(kind)
+        if kind not in self._asked:
+            self._asked.add(kind)
+            self._entries(kind)
         entry = self._old[kind].get(name)
         if entry is not None and entry.startswith(key) and entry[len(key):len(key) + 1] == "\t":
             self._new[kind][name] = entry
@@ -161,7 +175,7 @@ class RecordCache:
 
     def _put(self, kind: str, name: str, keys: list[Key], payload: str) -> None:
         self._changed = True
-        if "\t" in name or "\n" in name or "\n" in payload:
+        if "\t" in name or "\n" in name or "\n" in payload or name.startswith("@"):
             return
         if all(k is None or k[2] < self._racy for k in keys):
             self._new[kind][name] = f"{_key_text(keys)}\t{payload}"
@@ -216,14 +230,16 @@ class RecordCache:
         """Write the cache back if anything changed; a failure only costs speed."""
         if self._path is None:
             return
-        for kind in set(_KINDS) - self._asked:
-            self._new[kind] = self._old[kind]
-        dropped = any(len(self._old[k]) != len(self._new[k]) for k in _KINDS)
+        dropped = any(len(self._old[k]) != len(self._new[k]) for k in self._asked)
         if not self._changed and not dropped:
             return
         lines = [self._header()]
         for kind in _KINDS:
-            lines += [f"{kind}\t{name}\t{entry}" for name, entry in self._new[kind].items()]
+            lines.append(f"@{kind}")
+            if kind not in self._asked:  # as read
+                lines += [self._sections[kind]] if self._sections.get(kind) else []
+                continue
+            lines += [f"{name}\t{entry}" for name, entry in self._new[kind].items()]
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
         try:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

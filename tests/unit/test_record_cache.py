@@ -144,12 +144,15 @@ def forge(private_cache: Path, diff_size: int) -> None:
     """Change every layer's diff size in the cache, keys left as they are."""
     path = next(private_cache.glob("records-*"))
     lines = path.read_text().split("\n")
+    kind = ""
     for i, line in enumerate(lines):
-        kind, name, key, payload = [*line.split("\t"), "", "", ""][:4]
-        if kind == "layers":
+        if line.startswith("@"):
+            kind = line[1:]
+        elif kind == "layers" and line:
+            name, key, payload = line.split("\t")
             data = json.loads(payload)
             data[1] = diff_size
-            lines[i] = "\t".join((kind, name, key, json.dumps(data)))
+            lines[i] = "\t".join((name, key, json.dumps(data)))
     path.write_text("\n".join(lines))
 
 
@@ -178,7 +181,7 @@ def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, private_cache:
     whole = cache_file.read_bytes()
     header, _, entries = whole.partition(b"\n")
     damaged = [b"", b"[1]", b'{"format": 5}', b"\xff\xfe", whole[:len(header) + 100],
-               header + b"\nlayers\tab\tc\n\t\t\t",
+               header + b"\n@layers\nab\tc\n\t\t\t\n@images\n@x\n",
                header + b"\n" + entries.replace(b"[", b"{")]
     for junk in damaged:
         cache_file.write_bytes(junk)
@@ -235,3 +238,27 @@ def test_check_sees_a_big_data_file_damaged_after_a_clean_check(tmp_path: Path) 
         file.write(data)
     report = check_repository(tmp_path)
     assert any("big data" in error and "does not match" in error for error in report.errors)
+
+
+def test_a_command_keeps_the_entries_of_kinds_it_does_not_ask_for(
+        tmp_path: Path, private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ls` reads images and layers only; the file digests `check` keeps survive it."""
+    from lazypod.check import check_repository
+
+    a, _ = repository(tmp_path)
+    check_repository(tmp_path)
+
+    def digests() -> list[str]:
+        text = next(private_cache.glob("records-*")).read_text()
+        return [line for line in text.split("\n@digests\n", 1)[1].split("\n") if line]
+
+    kept = digests()
+    assert len(kept) >= 4  # big data of two images
+    (Layout(tmp_path).image_dir(a) / "config.json").touch()  # ls rewrites the cache
+    time.sleep(0.02)
+    load(tmp_path)
+    assert digests() == kept
+    hashed: list[str] = []
+    monkeypatch.setattr(record_cache.hashlib, "file_digest",
+                        lambda *args: hashed.append("x") or None)  # type: ignore[func-returns-value]
+    assert check_repository(tmp_path).ok and hashed == []

@@ -32,10 +32,14 @@ class StoreEntry:
     """One record of images.json or layers.json: its text as the file holds it, and
     the fields runs read of every record (`decoded()` gives the whole)."""
 
-    __slots__ = ("created", "digest", "layer", "names", "parent", "text")
+    __slots__ = ("big_data_digests", "created", "digest", "layer", "names", "parent", "text")
 
-    def __init__(self, text: str, obj: dict[str, Any]) -> None:
+    def __init__(self, text: str, obj: dict[str, Any], *, big_data: bool = False) -> None:
         self.text = text
+        digests = obj.get("big-data-digests") if big_data else None
+        # Only for `check` (read_store(big_data=True)).
+        self.big_data_digests: dict[str, Any] | None = \
+            digests if isinstance(digests, dict) else None
         self.names: tuple[str, ...] = tuple(obj.get("names") or ())
         self.digest = obj.get("digest") if isinstance(obj.get("digest"), str) else None
         self.layer: str | None = obj.get("layer")
@@ -81,12 +85,13 @@ class StoreFiles:
         return found
 
 
-def read_store(root: Path, *, layers: bool = True) -> StoreFiles:
+def read_store(root: Path, *, layers: bool = True, big_data: bool = False) -> StoreFiles:
     """The store under `root` (e.g. `<repository>/.podmanStore`); without its layers'
-    records when `layers` is false (for names alone)."""
+    records when `layers` is false (for names alone); with each image's big-data
+    digests at hand when `big_data`."""
     store = StoreFiles()
     with paused_gc():
-        store.images = _entries(root, IMAGES_JSON, store, _image_ok)
+        store.images = _entries(root, IMAGES_JSON, store, _image_ok, big_data)
         if layers:
             store.layers = _entries(root, LAYERS_JSON, store, _layer_ok)
     return store
@@ -125,7 +130,8 @@ def _records(text: str) -> Iterator[tuple[Any, str]]:
         raise ValueError("not a list")
 
 
-def _entries(root: Path, name: str, store: StoreFiles, ok: Any) -> dict[str, StoreEntry]:
+def _entries(root: Path, name: str, store: StoreFiles, ok: Any,
+             big_data: bool = False) -> dict[str, StoreEntry]:
     path, problems = root / name, store.problems
     try:
         raw = path.read_bytes()
@@ -144,7 +150,7 @@ def _entries(root: Path, name: str, store: StoreFiles, ok: Any) -> dict[str, Sto
         for entry, entry_text in _records(text):
             if isinstance(entry, dict) and isinstance(entry.get("id"), str) and \
                     _ID.fullmatch(entry["id"]) and ok(entry):
-                entries[entry["id"]] = StoreEntry(entry_text, entry)
+                entries[entry["id"]] = StoreEntry(entry_text, entry, big_data=big_data)
             else:
                 bad += 1
     except ValueError:  # a damaged file: none of its records is used
