@@ -106,7 +106,7 @@ def _check(root: Path, deep: bool, public_root: str | None,
                 report.verified_layers += 1
                 report.verified_bytes += record.diff_size or 0
 
-    _check_store(state, public, report, cache, dirs)
+    _check_store(state, public, report, cache, dirs, deep)
     _check_layer_store(root, public, report, dirs)
     cache.save()
     _check_mount(root, report)
@@ -138,7 +138,7 @@ class _Dirs:
 
 
 def _check_store(state: RepositoryState, public: str, report: CheckReport,
-                 cache: RecordCache, dirs: _Dirs) -> None:
+                 cache: RecordCache, dirs: _Dirs, deep: bool = False) -> None:
     """What podman sees: every image the repository should offer is offered, and
     every store entry is one podman accepts."""
     root = state.layout.root
@@ -165,6 +165,7 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
                                      f"{PODMAN_STORE} (a run did not finish: convert again "
                                      "to complete it)")
     names: set[str] = set()
+    big_data = f"{store_root}/overlay-images/"
     for image_id, entry in store.images.items():
         for name in entry.names:
             if name in names:
@@ -174,7 +175,8 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
         if store.chain(entry.layer) is None:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]} needs a layer that "
                                  "layers.json lacks (podman refuses it)")
-        _check_big_data(store_root, image_id, entry.big_data_digests, report, cache)
+        if entry.big_data_digests is not None:
+            _check_big_data(big_data, image_id, entry.big_data_digests, report, cache, deep)
     for layer_id in store.layers:
         diff = f"{store_root}/overlay/{layer_id}/diff"
         try:
@@ -190,14 +192,13 @@ def _check_store(state: RepositoryState, public: str, report: CheckReport,
                                  "leads nowhere")
 
 
-def _check_big_data(store_root: Path, image_id: str, digests: dict[str, Any] | None,
-                    report: CheckReport, cache: RecordCache) -> None:
-    """Each big-data file has its digest (hashed once; then while its `stat` holds)."""
-    if digests is None:
-        return
+def _check_big_data(directory: str, image_id: str, digests: dict[str, Any],
+                    report: CheckReport, cache: RecordCache, deep: bool) -> None:
+    """Each big-data file (under `directory`/ID) has its digest: hashed once, then
+    while its `stat` holds; always with --deep."""
     for key, expected in digests.items():
         name = f"{image_id}/{big_data_file_name(str(key))}"
-        if cache.file_digest(name, f"{store_root}/overlay-images/{name}") != expected:
+        if cache.file_digest(name, directory + name, fresh=deep) != expected:
             report.errors.append(f"{PODMAN_STORE}: image {image_id[:12]}: big data {key} is "
                                  "missing or does not match its digest")
 

@@ -209,14 +209,17 @@ class RecordCache:
     def put_layer(self, hex_digest: str, keys: list[Key], data: list[Any]) -> None:
         self._put("layers", hex_digest, keys, json.dumps(data, separators=(",", ":")))
 
-    def file_digest(self, name: str, path: str) -> str | None:
+    def file_digest(self, name: str, path: str, *, fresh: bool = False) -> str | None:
         """The sha256 digest (`sha256:...`) of the file at `path` (`name`: a name for
-        it, unique in the repository), or None if it cannot be read."""
-        keys = [stat_key(path)]
-        if keys[0] is None:
+        it, unique in the repository), or None if it cannot be read; `fresh`: hashed
+        whatever the cache says (a deep check)."""
+        try:
+            st = os.stat(path)
+        except OSError:
             return None
-        found = self._lookup("digests", name, _key_text(keys))
-        if found is not None and len(found) == 64:
+        keys: list[Key] = [(st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
+        found = self._lookup("digests", name, f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}")
+        if found is not None and len(found) == 64 and not fresh:
             return f"sha256:{found}"
         try:
             with open(path, "rb") as file:

@@ -262,3 +262,18 @@ def test_a_command_keeps_the_entries_of_kinds_it_does_not_ask_for(
     monkeypatch.setattr(record_cache.hashlib, "file_digest",
                         lambda *args: hashed.append("x") or None)  # type: ignore[func-returns-value]
     assert check_repository(tmp_path).ok and hashed == []
+
+
+def test_a_deep_check_hashes_the_store_files_whatever_the_cache_says(
+        tmp_path: Path, private_cache: Path) -> None:
+    from lazypod.check import check_repository
+
+    repository(tmp_path)
+    assert check_repository(tmp_path).ok
+    path = next(private_cache.glob("records-*"))
+    head, digests = path.read_text().split("\n@digests\n", 1)
+    forged = "\n".join(line[:-64] + "0" * 64 for line in digests.split("\n") if line)
+    path.write_text(f"{head}\n@digests\n{forged}")
+    assert not check_repository(tmp_path).ok  # the cache is believed while stat holds
+    path.write_text(f"{head}\n@digests\n{forged}")
+    assert check_repository(tmp_path, deep=True).ok  # --deep hashes again

@@ -74,7 +74,8 @@ def garbage_collection(repository: str, dry_run: bool, grace_period: float,
 @click.argument("repository")
 @click.option("--deep", is_flag=True,
               help="Also rebuild every layer's original tarball from its tar-split and "
-                   "files and compare it with the diff ID (reads everything).")
+                   "files and compare it with the diff ID, and hash the podman store's "
+                   "files again (reads everything).")
 @click.option("--public-root", metavar="PATH",
               help="Where the stores' links expect the repository, if not at REPOSITORY.")
 @ducc_globals

@@ -55,7 +55,7 @@ from .store_files import (
 __all__ = ["StoreImage", "StoreLayer", "StoreModel", "build_store_model", "render_image_store",
            "store_refusal"]
 
-_PLAIN_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
+_PLAIN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789."
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def link_name(layer_id: str) -> str:
 
 def big_data_file_name(key: str) -> str:
     """containers/storage's file name for a big-data key."""
-    if key and set(key) <= _PLAIN_KEY:
+    if key and not key.strip(_PLAIN_CHARS):
         return key
     return "=" + base64.b64encode(key.encode()).decode()
 
