@@ -651,7 +651,7 @@ def sample_env(tmp_path: Path) -> dict[str, str]:
     secret = tmp_path / "webhook.secret"
     secret.write_text(SECRET + "\n")
     env.update(LAZYPOD_RECIPE=str(recipe), LAZYPOD_REPOSITORY=str(tmp_path / "repo"),
-               LAZYPOD_WEBHOOK_SECRET_FILE=str(secret),
+               LAZYPOD_WEBHOOK_SECRET_FILE=str(secret), LAZYPOD_CACHE_DIR=str(tmp_path / "cache"),
                LAZYPOD_WEBHOOK_LISTEN=f"127.0.0.1:{free_port()}")
     return env
 
