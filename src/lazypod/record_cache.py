@@ -229,6 +229,22 @@ class RecordCache:
         self._put("digests", name, keys, digest)
         return f"sha256:{digest}"
 
+    def export(self, kind: str) -> dict[str, str]:
+        """The entries of a kind this command has (to hand to another process's cache:
+        `adopt`)."""
+        return dict(self._new[kind]) if kind in self._asked else {}
+
+    def adopt(self, kind: str, entries: dict[str, str]) -> None:
+        """Take the entries of a kind another process asked for (`export`) as this
+        one's: a forked helper's work, saved once."""
+        if not entries and kind not in self._asked:
+            return
+        old = self._entries(kind)
+        self._asked.add(kind)
+        if entries != old or entries != self._new[kind]:
+            self._changed = self._changed or entries != old
+            self._new[kind] = dict(entries)
+
     def save(self) -> None:
         """Write the cache back if anything changed; a failure only costs speed."""
         if self._path is None:

@@ -277,3 +277,27 @@ def test_a_deep_check_hashes_the_store_files_whatever_the_cache_says(
     assert not check_repository(tmp_path).ok  # the cache is believed while stat holds
     path.write_text(f"{head}\n@digests\n{forged}")
     assert check_repository(tmp_path, deep=True).ok  # --deep hashes again
+
+
+def test_check_reports_the_same_with_its_store_probes_forked_or_not(tmp_path: Path) -> None:
+    """check_repository(parallel=True) forks the podman stores' probes; the report must
+    be the one the same checks give in one process, damage included."""
+    import shutil
+
+    from lazypod.check import check_repository
+
+    a, _ = repository(tmp_path)
+    store = tmp_path / ".podmanStore"
+    big = next((store / "overlay-images").glob("*/manifest"))
+    big.write_bytes(big.read_bytes() + b" ")
+    next((store / "overlay").glob("*/diff")).unlink()
+    next((tmp_path / ".podmanLayers").glob("sha256:*/blob")).unlink()
+    images_json = store / "overlay-images/images.json"
+    entries = json.loads(images_json.read_text())
+    images_json.write_text(json.dumps(entries[:1]))
+    shutil.rmtree(Layout(tmp_path).root / ".flat")
+    forked = check_repository(tmp_path, parallel=True)
+    alone = check_repository(tmp_path, parallel=False)
+    assert forked.errors == alone.errors and forked.warnings == alone.warnings
+    assert len(forked.errors) >= 5, forked.errors
+    assert check_repository(tmp_path, parallel=True).errors == alone.errors  # cached now
