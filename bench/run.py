@@ -182,12 +182,13 @@ def client_views(count: int) -> str:
                             "--offline"])
         proc = subprocess.run([LAZYPOD, "views", str(repo), "--into", str(work / "views"),
                                "--offline"], capture_output=True, text=True, check=True)
-        files = re.search(r"(\d+) metadata files read", proc.stderr)
+        files = re.search(r"(\d+) metadata records, (\d+) parsed", proc.stderr)
         rerun_s, _ = timed([LAZYPOD, "views", str(repo), "--into", str(work / "views"),
                             "--offline"])
         table = (f"Client views for a repository of {count} images (converted in "
                  f"{convert_s:.1f} s by one `lazypod convert`): `lazypod views` "
-                 f"{views_s:.2f} s, {files.group(1) if files else '?'} metadata files read; "
+                 f"{views_s:.2f} s, {files.group(1) if files else '?'} metadata records "
+                 f"({files.group(2) if files else '?'} parsed by that second run); "
                  f"rerun with nothing new {rerun_s:.2f} s.")
         print(table, flush=True)
         return table

@@ -69,7 +69,8 @@ class ClientViewsReport:
     diff_ids_from_configs: int = 0
     layers_scanned: int = 0
     aufs_layers: list[str] = field(default_factory=list)
-    files_read: int = 0
+    records: int = 0  # metadata records (manifests, configs, indexes, layer records)
+    records_parsed: int = 0  # of those, read from their files (not the record cache)
     store: StoreReport | None = None
     layer_store: LayerStoreReport | None = None
     warnings: list[str] = field(default_factory=list)
@@ -118,7 +119,8 @@ def _build(repository: Path, into: Path, registry: RegistryClient | None,
         report.selected = len(state.images)
     for problem in state.problems:
         warn(problem)
-    report.files_read = _count_reads(state)
+    report.records = _count_records(state)
+    report.records_parsed = state.parsed
     backend = DirectoryBackend(into, public_root=str(into.absolute()))
     with backend.run() as writer:
         _complete_configs(state, writer, registry, report, warn)
@@ -141,7 +143,7 @@ def _build(repository: Path, into: Path, registry: RegistryClient | None,
     return report
 
 
-def _count_reads(state: RepositoryState) -> int:
+def _count_records(state: RepositoryState) -> int:
     per_image = sum(1 + (image.config is not None) + (image.index is not None)
                     for image in state.images)
     return per_image + sum(1 for record in state.layers.values() if record.complete)

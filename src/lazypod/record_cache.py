@@ -46,19 +46,23 @@ __all__ = ["RecordCache", "cache_dir", "cached_digest", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lazypod record cache 5"
+FORMAT = "lazypod record cache 6"
 RACY_SECONDS = 2.0
 KEEP_FILES = 64  # caches of this many repositories; the least recently written go
 
-Key = tuple[int, int, int] | None  # size, mtime and ctime (ns); None: no such file
+Key = str  # "size,mtime,ctime" (ns), or "-" for no such file
 
 
 def stat_key(path: str) -> Key:
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return "-"
+    return f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}"
+
+
+def _ctime(key: Key) -> int:
+    return int(key.rsplit(",", 1)[1]) if key != "-" else 0
 
 
 def cache_dir() -> Path | None:
@@ -122,6 +126,7 @@ class RecordCache:
         self._new: dict[str, dict[str, str]] = {kind: {} for kind in _KINDS}
         self._asked: set[str] = set()
         self._changed = False
+        self.hits: dict[str, int] = dict.fromkeys(_KINDS, 0)  # entries found current
         self._racy = time.time_ns() - int(RACY_SECONDS * 1e9)
         directory = cache_dir()
         if directory is None:
@@ -169,6 +174,7 @@ class RecordCache:
         entry = self._old[kind].get(name)
         if entry is not None and entry.startswith(key) and entry[len(key):len(key) + 1] == "\t":
             self._new[kind][name] = entry
+            self.hits[kind] += 1
             return entry[len(key) + 1:]
         self._changed = True
         return None
@@ -177,13 +183,13 @@ class RecordCache:
         self._changed = True
         if "\t" in name or "\n" in name or "\n" in payload or name.startswith("@"):
             return
-        if all(k is None or k[2] < self._racy for k in keys):
-            self._new[kind][name] = f"{_key_text(keys)}\t{payload}"
+        if all(_ctime(k) < self._racy for k in keys):
+            self._new[kind][name] = f"{';'.join(keys)}\t{payload}"
 
     def image(self, rel: str, directory: str, keys: list[Key]
               ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
                          ManifestIndex | None] | None:
-        payload = self._lookup("images", rel, _key_text(keys))
+        payload = self._lookup("images", rel, ";".join(keys))
         if payload is None:
             return None
         try:
@@ -199,7 +205,7 @@ class RecordCache:
         self._put("images", rel, keys, json.dumps(data, separators=(",", ":")))
 
     def layer(self, hex_digest: str, keys: list[Key]) -> list[Any] | None:
-        payload = self._lookup("layers", hex_digest, _key_text(keys))
+        payload = self._lookup("layers", hex_digest, ";".join(keys))
         try:
             data = None if payload is None else json.loads(payload)
         except ValueError:
@@ -217,8 +223,8 @@ class RecordCache:
             st = os.stat(path)
         except OSError:
             return None
-        keys: list[Key] = [(st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
-        found = self._lookup("digests", name, f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}")
+        keys: list[Key] = [f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}"]
+        found = self._lookup("digests", name, keys[0])
         if found is not None and len(found) == 64 and not fresh:
             return f"sha256:{found}"
         try:
@@ -271,10 +277,6 @@ class RecordCache:
             log.debug("record cache %s not written: %s", self._path, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-
-def _key_text(keys: list[Key]) -> str:
-    return ";".join("-" if k is None else f"{k[0]},{k[1]},{k[2]}" for k in keys)
 
 
 def _prune(directory: Path) -> None:

@@ -192,6 +192,8 @@ class RepositoryState:
     # `images` (change the list through them).
     _by_name: dict[str, ImageRecord] | None = field(default=None, repr=False,
                                                     compare=False)
+    # Record files the load parsed (the others' records came from the record cache).
+    parsed: int = field(default=0, compare=False)
 
     @classmethod
     def load(cls, layout: Layout, cache: RecordCache | None = None) -> RepositoryState:
@@ -210,6 +212,9 @@ class RepositoryState:
                         AttributeError) as exc:
                     state.unreadable[rel] = str(exc) or exc.__class__.__name__
             state.images.sort(key=lambda image: image.public_name)
+            state.parsed = len(state.layers) - cache.hits["layers"] + sum(
+                1 + (i.config is not None) + (i.index is not None)
+                for i in state.images if isinstance(i.manifest.body, bytes))
             if own:
                 cache.save()
         return state
@@ -421,8 +426,8 @@ def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord:
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
-    if named and (config is not None or keys[1] is None) and \
-            (index is not None or keys[2] is None):
+    if named and (config is not None or keys[1] == "-") and \
+            (index is not None or keys[2] == "-"):
         cache.put_image(rel, keys, reference, manifest, config, index,
                         manifest.digest if manifest.raw is raw else Digest.of(raw))
     return ImageRecord(rel, reference, manifest, config, index, link)

@@ -38,12 +38,14 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..digest import Digest
 from ..layout import Layout
 from ..repository import LayerRecord, LayerWhiteouts
-from ..unpack import LayerSink
+
+if TYPE_CHECKING:  # unpacking is loaded by the backends that unpack, when they do
+    from ..unpack import LayerSink
 
 __all__ = ["Backend", "PublishRun", "StagedLayer", "TreeBatch", "TreeSource", "TreeWriter"]
 

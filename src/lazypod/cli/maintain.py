@@ -196,8 +196,8 @@ def views(repository: str, into: Path, offline: bool, no_layer_store: bool,
                f"from layer records, {report.diff_ids_from_configs} from configs, 0 computed; "
                f"{report.layers_scanned} layers scanned for AUFS whiteouts "
                f"({'found: fuse-overlayfs needed' if report.aufs_layers else 'none'}); "
-               f"{report.files_read} metadata files "
-               f"read; {report.seconds:.2f}s", err=True)
+               f"{report.records} metadata records, {report.records_parsed} parsed (the "
+               f"others from the record cache); {report.seconds:.2f}s", err=True)
     out = into.absolute()
     config = PodmanConfig(f"{out}/store", None if no_layer_store else f"{out}/layers",
                           report.needs_fuse_overlayfs)
