@@ -42,7 +42,7 @@ from .fsutil import write_new
 from .manifest import Descriptor, ImageConfig, ImageManifest, ManifestIndex, Platform, StoredBytes
 from .reference import ImageReference
 
-__all__ = ["RecordCache", "cache_dir", "cached_digest", "paused_gc", "stat_key"]
+__all__ = ["Interned", "RecordCache", "cache_dir", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class RecordCache:
         self._asked: set[str] = set()
         self._changed = False
         self.hits: dict[str, int] = dict.fromkeys(_KINDS, 0)  # entries found current
+        self.interned = Interned()
         self._racy = time.time_ns() - int(RACY_SECONDS * 1e9)
         directory = cache_dir()
         if directory is None:
@@ -193,7 +194,7 @@ class RecordCache:
         if payload is None:
             return None
         try:
-            return _image_from(json.loads(payload), directory)
+            return _image_from(json.loads(payload), directory, self.interned)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             self._new["images"].pop(rel, None)
             return None
@@ -292,37 +293,38 @@ def _desc(d: Descriptor) -> list[Any]:
             [plat.os, plat.architecture, plat.variant] if plat else None]
 
 
-_DIGESTS: dict[str, Digest] = {}
+class Interned:
+    """One object per digest and per layer descriptor while a cache rebuilds records
+    (a repository names each shared layer in thousands of images); gone with the
+    cache, so that a daemon's loads do not pile them up."""
 
+    def __init__(self) -> None:
+        self._digests: dict[str, Digest] = {}
+        self._descriptors: dict[tuple[str, str, int], Descriptor] = {}
 
-def cached_digest(text: str) -> Digest:
-    """The digest a cache entry names: one object per digest (a cache names each
-    shared layer thousands of times); a sha256 digest whose hex is alphanumeric (no
-    path could be made of it) is taken as the cache wrote it, without the parser's
-    regular expression (40,000 of them at 10,000 images)."""
-    found = _DIGESTS.get(text)
-    if found is None:
-        if len(text) == 71 and text.startswith("sha256:") and text[7:].isalnum():
-            found = Digest("sha256", text[7:])
-        else:
-            found = Digest.parse(text)
-        _DIGESTS[text] = found
-    return found
+    def digest(self, text: str) -> Digest:
+        """A sha256 digest whose hex is alphanumeric (no path can be made of it) is
+        taken as the cache wrote it, without the parser's regular expression."""
+        found = self._digests.get(text)
+        if found is None:
+            if len(text) == 71 and text.startswith("sha256:") and text[7:].isalnum():
+                found = Digest("sha256", text[7:])
+            else:
+                found = Digest.parse(text)
+            self._digests[text] = found
+        return found
 
-
-_DESCRIPTORS: dict[tuple[str, str, int], Descriptor] = {}
-
-
-def _desc_from(obj: list[Any]) -> Descriptor:
-    plat = obj[3]
-    if plat:
-        return Descriptor(obj[0], cached_digest(obj[1]), int(obj[2]),
-                          Platform(plat[0], plat[1], plat[2]))
-    key = (obj[0], obj[1], obj[2])  # layers shared by many images: one object each
-    found = _DESCRIPTORS.get(key)
-    if found is None:
-        found = _DESCRIPTORS[key] = Descriptor(obj[0], cached_digest(obj[1]), int(obj[2]))
-    return found
+    def descriptor(self, obj: list[Any]) -> Descriptor:
+        plat = obj[3]
+        if plat:
+            return Descriptor(obj[0], self.digest(obj[1]), int(obj[2]),
+                              Platform(plat[0], plat[1], plat[2]))
+        key = (obj[0], obj[1], obj[2])
+        found = self._descriptors.get(key)
+        if found is None:
+            found = self._descriptors[key] = Descriptor(obj[0], self.digest(obj[1]),
+                                                        int(obj[2]))
+        return found
 
 
 def _image_data(reference: ImageReference, manifest: ImageManifest, config: ImageConfig | None,
@@ -345,28 +347,30 @@ def _image_data(reference: ImageReference, manifest: ImageManifest, config: Imag
     return data
 
 
-def _image_from(data: dict[str, Any], directory: str
+def _image_from(data: dict[str, Any], directory: str, interned: Interned
                 ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
                            ManifestIndex | None]:
     from .repository import reencode_ducc_manifest  # the one place that knows that form
 
     registry, repository, tag, digest = data["ref"]
-    reference = ImageReference(registry, repository, tag, cached_digest(digest) if digest else None)
+    reference = ImageReference(registry, repository, tag,
+                               interned.digest(digest) if digest else None)
     m = data["m"]
     body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
                        reencode_ducc_manifest if m[3] else None)
-    manifest = ImageManifest(body, cached_digest(m[1]), m[0], _desc_from(m[4]),
-                             tuple(_desc_from(d) for d in m[5]))
+    manifest = ImageManifest(body, interned.digest(m[1]), m[0], interned.descriptor(m[4]),
+                             tuple(interned.descriptor(d) for d in m[5]))
     config = None
     if "c" in data:
         c = data["c"]
         config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
-                             manifest.config.digest, tuple(cached_digest(d) for d in c[1]),
+                             manifest.config.digest, tuple(interned.digest(d) for d in c[1]),
                              c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
                              dict(c[7]))
     index = None
     if "i" in data:
         i = data["i"]
         index = ManifestIndex(StoredBytes(f"{directory}/index.json", int(i[2])),
-                              cached_digest(i[1]), i[0], tuple(_desc_from(d) for d in i[3]))
+                              interned.digest(i[1]), i[0],
+                              tuple(interned.descriptor(d) for d in i[3]))
     return reference, manifest, config, index

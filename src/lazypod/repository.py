@@ -23,7 +23,7 @@ from .errors import LazypodError
 from .fsutil import listdir
 from .layout import LAYER_RECORD, LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
-from .record_cache import Key, RecordCache, cached_digest, paused_gc, stat_key
+from .record_cache import Interned, Key, RecordCache, paused_gc, stat_key
 from .reference import ImageReference, parse_reference
 
 __all__ = [
@@ -350,7 +350,7 @@ def _scan_layers(layers_root: Path, cache: RecordCache) -> Iterator[tuple[Digest
 def _cached_layer(cache: RecordCache, digest: Digest, keys: list[Key]) -> LayerRecord | None:
     data = cache.layer(digest.hex, keys)
     try:
-        return None if data is None else _layer_from(digest, data)
+        return None if data is None else _layer_from(digest, data, cache.interned)
     except (ValueError, TypeError, LazypodError):
         return None
 
@@ -360,9 +360,9 @@ def _layer_data(record: LayerRecord) -> list[Any]:
             list(record.gidset), record.has_tar_split, record.has_whiteouts]
 
 
-def _layer_from(digest: Digest, data: list[Any]) -> LayerRecord:
+def _layer_from(digest: Digest, data: list[Any], interned: Interned) -> LayerRecord:
     diff_id, diff_size, created, uidset, gidset, tar_split, whiteouts = data
-    return LayerRecord(digest, cached_digest(diff_id),
+    return LayerRecord(digest, interned.digest(diff_id),
                        None if diff_size is None else int(diff_size), created,
                        tuple(int(u) for u in uidset), tuple(int(g) for g in gidset),
                        bool(tar_split), bool(whiteouts))

@@ -286,7 +286,7 @@ def test_check_reports_the_same_with_its_store_probes_forked_or_not(tmp_path: Pa
 
     from lazypod.check import check_repository
 
-    a, _ = repository(tmp_path)
+    repository(tmp_path)
     store = tmp_path / ".podmanStore"
     big = next((store / "overlay-images").glob("*/manifest"))
     big.write_bytes(big.read_bytes() + b" ")
