@@ -162,6 +162,7 @@ class ImageFetcher:
             uidset=tuple(sorted(stats.uids)),
             gidset=tuple(sorted(stats.gids)),
             has_tar_split=True,
+            has_whiteouts=True,  # the staged layer writes both (`LocalLayer.seal`)
         )
         whiteouts = LayerWhiteouts(tuple(b"/".join(p) for p in stats.whiteouts),
                                    tuple(b"/".join(p) for p in stats.opaque_dirs))
