@@ -144,8 +144,7 @@ def _build(repository: Path, into: Path, registry: RegistryClient | None,
 
 
 def _count_records(state: RepositoryState) -> int:
-    per_image = sum(1 + (image.config is not None) + (image.index is not None)
-                    for image in state.images)
+    per_image = sum(image.record_files for image in state.images)
     return per_image + sum(1 for record in state.layers.values() if record.complete)
 
 

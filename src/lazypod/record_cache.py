@@ -56,7 +56,7 @@ Key = str  # "size,mtime,ctime" (ns), or "-" for no such file
 def stat_key(path: str) -> Key:
     try:
         st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone, or not to be asked: whoever reads it next says why
         return "-"
     return f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}"
 
@@ -220,11 +220,9 @@ class RecordCache:
         """The sha256 digest (`sha256:...`) of the file at `path` (`name`: a name for
         it, unique in the repository), or None if it cannot be read; `fresh`: hashed
         whatever the cache says (a deep check)."""
-        try:
-            st = os.stat(path)
-        except OSError:
+        keys = [stat_key(path)]
+        if keys[0] == "-":
             return None
-        keys: list[Key] = [f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns}"]
         found = self._lookup("digests", name, keys[0])
         if found is not None and len(found) == 64 and not fresh:
             return f"sha256:{found}"

@@ -167,6 +167,11 @@ class ImageRecord:
         return self.reference.podman_name
 
     @property
+    def record_files(self) -> int:
+        """How many of its folder's files hold its records (manifest, config, index)."""
+        return 1 + (self.config is not None) + (self.index is not None)
+
+    @property
     def link(self) -> str:
         return self.link_name or self.public_name
 
@@ -213,8 +218,7 @@ class RepositoryState:
                     state.unreadable[rel] = str(exc) or exc.__class__.__name__
             state.images.sort(key=lambda image: image.public_name)
             state.parsed = len(state.layers) - cache.hits["layers"] + sum(
-                1 + (i.config is not None) + (i.index is not None)
-                for i in state.images if isinstance(i.manifest.body, bytes))
+                i.record_files for i in state.images if isinstance(i.manifest.body, bytes))
             if own:
                 cache.save()
         return state
@@ -433,22 +437,24 @@ def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord:
     return ImageRecord(rel, reference, manifest, config, index, link)
 
 
-def reencode_ducc_manifest(raw: bytes) -> bytes:
-    """The manifest lazypod reads for one DUCC stored with Go field names; other
-    manifests as they are."""
-    obj = json.loads(raw)
-    if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
-        return json.dumps(_lower_keys(obj), separators=(",", ":")).encode()
-    return raw
-
-
-def _parse_stored_manifest(raw: bytes) -> ImageManifest:
-    """A manifest as fetched, or as DUCC re-encodes it (Go field names, no json tags;
-    its digest is then that of lazypod's re-encoding, not the registry's)."""
+def _decode_stored_manifest(raw: bytes) -> tuple[Any, bytes]:
+    """A stored manifest, decoded, and the bytes lazypod reads for it: as fetched, or
+    for one DUCC stored with Go field names (no json tags) lazypod's re-encoding, whose
+    digest is not the registry's."""
     obj = json.loads(raw)
     if isinstance(obj, dict) and ("Layers" in obj or "Config" in obj):
         obj = _lower_keys(obj)
         raw = json.dumps(obj, separators=(",", ":")).encode()
+    return obj, raw
+
+
+def reencode_ducc_manifest(raw: bytes) -> bytes:
+    """The bytes lazypod reads for a stored manifest (`_decode_stored_manifest`)."""
+    return _decode_stored_manifest(raw)[1]
+
+
+def _parse_stored_manifest(raw: bytes) -> ImageManifest:
+    obj, raw = _decode_stored_manifest(raw)
     parsed = parse_manifest(raw, None, Digest.of(raw), decoded=obj)
     if not isinstance(parsed, ImageManifest):
         raise ValueError("manifest.json holds an index, not an image manifest")

@@ -48,6 +48,7 @@ from .store_files import (
     LAYERS_LOCK,
     StoreEntry,
     StoreFiles,
+    content_digest,
     dump_entries,
     read_store,
 )
@@ -179,6 +180,13 @@ def store_refusal(state: RepositoryState, image: ImageRecord,
                   owners: dict[str, str]) -> str | None:
     """Why the image cannot be in a podman store (None: it can); `owners`: podman
     names already given, to the public name that has each."""
+    found = _store_records(state, image, owners)
+    return found if isinstance(found, str) else None
+
+
+def _store_records(state: RepositoryState, image: ImageRecord,
+                   owners: dict[str, str]) -> str | list[LayerRecord]:
+    """The records of the image's layers, bottom first, or why it cannot be in a store."""
     config = image.config
     if config is None:
         return "no config.json next to its manifest (run `lazypod views` with registry access)"
@@ -188,25 +196,26 @@ def store_refusal(state: RepositoryState, image: ImageRecord,
         return "its config and manifest disagree on the number of layers"
     if image.podman_name in owners:
         return f"podman name {image.podman_name} is already taken by {owners[image.podman_name]}"
+    records: list[LayerRecord] = []
     for blob, diff_id in zip(image.manifest.layers, config.diff_ids, strict=True):
         record = state.layer(blob.digest)
         if record is None or not record.complete:
             return f"layer {blob.digest.short} is missing from .layers"
         if record.diff_id != diff_id:
             return f"layer {blob.digest.short} has diff ID {record.diff_id}, config says {diff_id}"
-    return None
+        records.append(record)
+    return records
 
 
 def _add_image(
     model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str],
     rendered: bool = True,
 ) -> str | None:
-    why = store_refusal(state, image, owners)
-    if why:
-        return why
+    records = _store_records(state, image, owners)
+    if isinstance(records, str):
+        return records
     config = image.config
     assert config is not None
-    records = [state.layers[blob.digest] for blob in image.manifest.layers]
     ids = chain_ids(list(config.diff_ids))
     for i, (layer_id, record, blob) in enumerate(
         zip(ids, records, image.manifest.layers, strict=True)
@@ -323,14 +332,14 @@ def render_image_store(
     layers_json = dump_entries(list(layer_entries.values()))
     # What the files held when read (their digests: not a second copy of 10 MB).
     current = (old.digests.get(IMAGES_JSON), old.digests.get(LAYERS_JSON))
-    if current != (_sha256(images_json), _sha256(layers_json)):
+    if current != (content_digest(images_json), content_digest(layers_json)):
         with writer.lock_files([f"{prefix}/{LAYERS_LOCK}", f"{prefix}/{IMAGES_LOCK}"]):
             # Layers before the images that name them, and until the images that
             # used them are gone, the layers that go: every state podman reads is whole.
             union = dump_entries([*layer_entries.values(),
                                   *(old.layers[i] for i in sorted(stale_layers))]) \
                 if stale_layers else layers_json
-            if stale_layers or _sha256(union) != current[1]:
+            if stale_layers or content_digest(union) != current[1]:
                 writer.write_file(f"{prefix}/{LAYERS_JSON}", union)
             del union
             writer.write_file(f"{prefix}/{IMAGES_JSON}", images_json)
@@ -462,10 +471,6 @@ def _remove_layer(writer: TreeWriter, root: Path, prefix: str, layer_id: str) ->
             writer.remove(f"{prefix}/overlay/l/{name}")
     writer.remove(f"{prefix}/overlay/{layer_id}")
     writer.remove(f"{prefix}/overlay-layers/{layer_id}.tar-split.gz")
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 def _now() -> str:

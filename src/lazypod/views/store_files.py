@@ -20,7 +20,7 @@ from ..layout import LAYER_RECORD, PODMAN_STORE, Layout
 from ..record_cache import paused_gc
 
 __all__ = ["IMAGES_JSON", "IMAGES_LOCK", "LAYERS_JSON", "LAYERS_LOCK", "StoreEntry",
-           "StoreFiles", "dump_entries", "read_store", "store_names"]
+           "StoreFiles", "content_digest", "dump_entries", "read_store", "store_names"]
 
 IMAGES_JSON = "overlay-images/images.json"
 LAYERS_JSON = f"overlay-layers/{LAYER_RECORD}"
@@ -53,6 +53,12 @@ class StoreEntry:
         return obj
 
 
+def content_digest(data: bytes) -> bytes:
+    """What tells a store file's content from another's (`StoreFiles.digests`): a
+    writer compares it with what it would write, not the file read a second time."""
+    return hashlib.sha256(data).digest()
+
+
 def dump_entries(entries: list[dict[str, Any] | StoreEntry]) -> bytes:
     """The file's bytes for these records, each record kept as read or made anew."""
     return ("[" + ",".join(e.text if isinstance(e, StoreEntry) else
@@ -67,7 +73,7 @@ class StoreFiles:
     images: dict[str, StoreEntry] = field(default_factory=dict)
     layers: dict[str, StoreEntry] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    # sha256 of each file as read (IMAGES_JSON, LAYERS_JSON; absent: not there)
+    # content_digest() of each file as read (IMAGES_JSON, LAYERS_JSON; absent: not there)
     digests: dict[str, bytes] = field(default_factory=dict)
 
     def names(self) -> set[str]:
@@ -108,22 +114,27 @@ _ID = re.compile(r"[0-9a-f]{64}")  # an ID names a directory: nothing else is on
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
+def _past_space(text: str, at: int) -> int:
+    """Where the JSON whitespace from `at` on ends."""
+    return _SPACE.match(text, at).end()  # type: ignore[union-attr]  # `*` always matches
+
+
 def _records(text: str) -> Iterator[tuple[Any, str]]:
     """The elements of the JSON array `text`, each with its text, decoded one at a
     time (the whole array decoded at once is the memory this module saves)."""
     decoder = json.JSONDecoder()
-    at = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+    at = _past_space(text, 0)
     if text[at:at + 1] != "[":
         raise ValueError("not a list")
-    at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+    at = _past_space(text, at + 1)
     if text[at:at + 1] == "]":
         return
     while True:
         obj, end = decoder.raw_decode(text, at)
         yield obj, text[at:end]
-        at = _SPACE.match(text, end).end()  # type: ignore[union-attr]
+        at = _past_space(text, end)
         if text[at:at + 1] == ",":
-            at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+            at = _past_space(text, at + 1)
             continue
         if text[at:at + 1] == "]" and not text[at + 1:].strip():
             return
@@ -140,7 +151,7 @@ def _entries(root: Path, name: str, store: StoreFiles, ok: Any,
     except OSError as exc:
         problems.append(f"{path.name} cannot be read ({exc.strerror})")
         return {}
-    store.digests[name] = hashlib.sha256(raw).digest()
+    store.digests[name] = content_digest(raw)
     entries: dict[str, StoreEntry] = {}
     bad = 0
     text = ""
