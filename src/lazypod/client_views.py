@@ -23,7 +23,6 @@ Reruns are incremental: only what changed is written, each change atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -157,7 +156,7 @@ def _complete_configs(
 ) -> None:
     cache = writer.layout.root / _CONFIG_CACHE
     for image in list(state.images):
-        if image.config is not None:
+        if image.has_config:
             report.configs_local += 1
             continue
         digest = image.manifest.config.digest
@@ -180,7 +179,7 @@ def _complete_configs(
                 continue
             writer.write_file(f"{_CONFIG_CACHE}/{digest.hex}.json", raw)
             report.configs_fetched += 1
-        state.replace_image(dataclasses.replace(image, config=ImageConfig.parse(raw, digest)))
+        state.replace_image(image.with_config(ImageConfig.parse(raw, digest)))
 
 
 def _read_verified(path: Path, digest: Digest) -> bytes | None:
@@ -192,18 +191,19 @@ def _read_verified(path: Path, digest: Digest) -> bytes | None:
 
 
 def _complete_layer_records(state: RepositoryState, report: ClientViewsReport) -> None:
-    """Layers without layers.json (DUCC's oldest) get their diff ID from the configs."""
+    """Layers without a usable layers.json (DUCC's oldest) get their diff ID from the
+    configs; only then are the images' records looked at."""
+    missing = {digest for digest, record in state.layers.items() if not record.complete}
+    report.diff_ids_from_records = len(state.layers) - len(missing)
+    if not missing:
+        return
     for image in state.images:
         if image.config is None:
             continue
         for blob, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=False):
-            record = state.layers.get(blob.digest)
-            if record is None:
-                continue
-            if record.complete:
-                report.diff_ids_from_records += 1
-            elif state.layout.layerfs(blob.digest).is_dir():
+            if blob.digest in missing and state.layout.layerfs(blob.digest).is_dir():
                 state.layers[blob.digest] = LayerRecord(blob.digest, diff_id=diff_id)
+                missing.discard(blob.digest)
                 report.diff_ids_from_configs += 1
 
 

@@ -42,11 +42,11 @@ from .fsutil import write_new
 from .manifest import Descriptor, ImageConfig, ImageManifest, ManifestIndex, Platform, StoredBytes
 from .reference import ImageReference
 
-__all__ = ["Interned", "RecordCache", "cache_dir", "paused_gc", "stat_key"]
+__all__ = ["CachedImage", "Interned", "RecordCache", "cache_dir", "paused_gc", "stat_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lazypod record cache 6"
+FORMAT = "lazypod record cache 7"
 RACY_SECONDS = 2.0
 KEEP_FILES = 64  # caches of this many repositories; the least recently written go
 
@@ -188,13 +188,13 @@ class RecordCache:
             self._new[kind][name] = f"{';'.join(keys)}\t{payload}"
 
     def image(self, rel: str, directory: str, keys: list[Key]
-              ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
-                         ManifestIndex | None] | None:
+              ) -> tuple[ImageReference, CachedImage] | None:
         payload = self._lookup("images", rel, ";".join(keys))
         if payload is None:
             return None
         try:
-            return _image_from(json.loads(payload), directory, self.interned)
+            cached = CachedImage(payload, directory, self.interned)
+            return cached.reference(), cached
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             self._new["images"].pop(rel, None)
             return None
@@ -202,8 +202,17 @@ class RecordCache:
     def put_image(self, rel: str, keys: list[Key], reference: ImageReference,
                   manifest: ImageManifest, config: ImageConfig | None,
                   index: ManifestIndex | None, file_digest: Digest) -> None:
-        data = _image_data(reference, manifest, config, index, file_digest)
-        self._put("images", rel, keys, json.dumps(data, separators=(",", ":")))
+        data = _image_data(manifest, config, index, file_digest)
+        head = [reference.registry, reference.repository, reference.tag or "-",
+                str(reference.digest) if reference.digest else "-", str(manifest.digest),
+                config.digest.hex if config is not None else "-",
+                ",".join(str(blob.digest) for blob in manifest.layers) or "-",
+                ",".join(str(d) for d in config.diff_ids) if config is not None else "-",
+                str(index.digest) if index is not None else "-"]
+        if any(not field or " " in field or "\t" in field for field in head):
+            return  # (no such names or digests: not cached rather than misread)
+        self._put("images", rel, keys,
+                  " ".join(head) + "\t" + json.dumps(data, separators=(",", ":")))
 
     def layer(self, hex_digest: str, keys: list[Key]) -> list[Any] | None:
         payload = self._lookup("layers", hex_digest, ";".join(keys))
@@ -325,12 +334,9 @@ class Interned:
         return found
 
 
-def _image_data(reference: ImageReference, manifest: ImageManifest, config: ImageConfig | None,
+def _image_data(manifest: ImageManifest, config: ImageConfig | None,
                 index: ManifestIndex | None, file_digest: Digest) -> dict[str, Any]:
-    ref = [reference.registry, reference.repository, reference.tag,
-           str(reference.digest) if reference.digest else None]
     data: dict[str, Any] = {
-        "ref": ref,
         "m": [manifest.media_type, str(manifest.digest), manifest.size,
               file_digest != manifest.digest, _desc(manifest.config),
               [_desc(d) for d in manifest.layers]],
@@ -345,30 +351,74 @@ def _image_data(reference: ImageReference, manifest: ImageManifest, config: Imag
     return data
 
 
-def _image_from(data: dict[str, Any], directory: str, interned: Interned
-                ) -> tuple[ImageReference, ImageManifest, ImageConfig | None,
-                           ManifestIndex | None]:
-    from .repository import reencode_ducc_manifest  # the one place that knows that form
+class CachedImage:
+    """An image's cache entry: what tells which image it is (reference, digests, ID,
+    layers; a run that leaves the image as it is asks for nothing else) is read from
+    the entry's head at once, and its records are built from the rest, JSON, when first
+    asked for (`build`): a rerun of `views` at 10,000 images builds those of the few
+    images it renders.
 
-    registry, repository, tag, digest = data["ref"]
-    reference = ImageReference(registry, repository, tag,
-                               interned.digest(digest) if digest else None)
-    m = data["m"]
-    body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
-                       reencode_ducc_manifest if m[3] else None)
-    manifest = ImageManifest(body, interned.digest(m[1]), m[0], interned.descriptor(m[4]),
-                             tuple(interned.descriptor(d) for d in m[5]))
-    config = None
-    if "c" in data:
-        c = data["c"]
-        config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
-                             manifest.config.digest, tuple(interned.digest(d) for d in c[1]),
-                             c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
-                             dict(c[7]))
-    index = None
-    if "i" in data:
-        i = data["i"]
-        index = ManifestIndex(StoredBytes(f"{directory}/index.json", int(i[2])),
-                              interned.digest(i[1]), i[0],
-                              tuple(interned.descriptor(d) for d in i[3]))
-    return reference, manifest, config, index
+    The head: registry, repository, tag, digest, manifest digest, image ID, layer blob
+    digests, diff IDs, index digest, space-separated (lists comma-separated; `-`:
+    none)."""
+
+    __slots__ = ("_body", "_directory", "_head", "_interned", "diff_ids", "image_id",
+                 "layer_digests", "manifest_digest")
+
+    def __init__(self, payload: str, directory: str, interned: Interned) -> None:
+        head, tab, self._body = payload.partition("\t")
+        self._head = head.split(" ")
+        if not tab or len(self._head) != 9:
+            raise ValueError("not an image entry")
+        self._directory, self._interned = directory, interned
+        _r, _p, _t, _d, self.manifest_digest, image_id, blobs, diff_ids, _i = self._head
+        # podman's ID for the image (its config digest's hex), when it has a config
+        self.image_id: str | None = image_id if image_id != "-" else None
+        # The manifest's layer blob digests and the config's diff IDs (none without a
+        # config), bottom first, as text.
+        self.layer_digests: list[str] = blobs.split(",") if blobs != "-" else []
+        self.diff_ids: list[str] = diff_ids.split(",") if diff_ids != "-" else []
+
+    @property
+    def directory(self) -> str:
+        """The image's folder."""
+        return self._directory
+
+    def reference(self) -> ImageReference:
+        registry, repository, tag, digest = self._head[:4]
+        return ImageReference(registry, repository, tag if tag != "-" else None,
+                              self._interned.digest(digest) if digest != "-" else None)
+
+    @property
+    def has_config(self) -> bool:
+        return self.image_id is not None
+
+    @property
+    def has_index(self) -> bool:
+        return self._head[8] != "-"
+
+    def build(self) -> tuple[ImageManifest, ImageConfig | None, ManifestIndex | None]:
+        data, directory, interned = json.loads(self._body), self._directory, self._interned
+        from .repository import reencode_ducc_manifest  # the one place that knows that form
+
+        m = data["m"]
+        body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
+                           reencode_ducc_manifest if m[3] else None)
+        manifest = ImageManifest(body, interned.digest(m[1]), m[0],
+                                 interned.descriptor(m[4]),
+                                 tuple(interned.descriptor(d) for d in m[5]))
+        config = None
+        if "c" in data:
+            c = data["c"]
+            config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
+                                 manifest.config.digest,
+                                 tuple(interned.digest(d) for d in c[1]),
+                                 c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
+                                 dict(c[7]))
+        index = None
+        if "i" in data:
+            i = data["i"]
+            index = ManifestIndex(StoredBytes(f"{directory}/index.json", int(i[2])),
+                                  interned.digest(i[1]), i[0],
+                                  tuple(interned.descriptor(d) for d in i[3]))
+        return manifest, config, index

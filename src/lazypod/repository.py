@@ -23,7 +23,7 @@ from .errors import LazypodError
 from .fsutil import listdir
 from .layout import LAYER_RECORD, LAYERS, METADATA, Layout
 from .manifest import ImageConfig, ImageManifest, ManifestIndex, parse_manifest
-from .record_cache import Interned, Key, RecordCache, paused_gc, stat_key
+from .record_cache import CachedImage, Interned, Key, RecordCache, paused_gc, stat_key
 from .reference import ImageReference, parse_reference
 
 __all__ = [
@@ -151,16 +151,121 @@ def _stored_config_hex(manifest: Path) -> str | None:
         return "?"  # something is there that is not this image's: do not reuse it
 
 
-@dataclass(frozen=True, slots=True)
 class ImageRecord:
-    """One directory `.metadata/<name>` holding manifest.json (and config.json)."""
+    """One directory `.metadata/<name>` holding manifest.json (and config.json).
 
-    public_name: str  # the metadata folder's name
-    reference: ImageReference
-    manifest: ImageManifest
-    config: ImageConfig | None
-    index: ManifestIndex | None = None
-    link_name: str | None = None  # the public link, when not `public_name`
+    A record the record cache gave (`from_cache`) builds its manifest, config and index
+    when one of them is first asked for; what tells which image it is (`image_id`,
+    `manifest_digest`, `layer_digests`, `diff_ids`, `has_config`) it answers from the
+    cache entry, so that a run that leaves most images as they are builds few
+    records."""
+
+    __slots__ = ("_cached", "_config", "_index", "_manifest", "link_name", "public_name",
+                 "reference")
+
+    def __init__(self, public_name: str, reference: ImageReference, manifest: ImageManifest,
+                 config: ImageConfig | None, index: ManifestIndex | None = None,
+                 link_name: str | None = None) -> None:
+        self.public_name = public_name  # the metadata folder's name
+        self.reference = reference
+        self._manifest: ImageManifest | None = manifest
+        self._config = config
+        self._index = index
+        self.link_name = link_name  # the public link, when not `public_name`
+        self._cached: CachedImage | None = None
+
+    @classmethod
+    def from_cache(cls, public_name: str, reference: ImageReference,
+                   cached: CachedImage) -> ImageRecord:
+        record = cls.__new__(cls)
+        record.public_name, record.reference, record.link_name = public_name, reference, None
+        record._manifest = record._config = record._index = None
+        record._cached = cached
+        return record
+
+    def _built(self) -> ImageManifest:
+        if self._manifest is None:
+            assert self._cached is not None
+            try:
+                self._manifest, self._config, self._index = self._cached.build()
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    LazypodError):  # a damaged cache entry: the files themselves
+                self._manifest, _raw, self._config, self._index = _parse_image_files(
+                    self._cached.directory, self.public_name)
+        return self._manifest
+
+    @property
+    def manifest(self) -> ImageManifest:
+        return self._manifest if self._manifest is not None else self._built()
+
+    @property
+    def config(self) -> ImageConfig | None:
+        if self._manifest is None:
+            self._built()
+        return self._config
+
+    @property
+    def index(self) -> ManifestIndex | None:
+        if self._manifest is None:
+            self._built()
+        return self._index
+
+    @property
+    def from_record_cache(self) -> bool:
+        """Whether the record came from the record cache (not parsed from its files)."""
+        return self._cached is not None
+
+    @property
+    def has_config(self) -> bool:
+        if self._manifest is None and self._cached is not None:
+            return self._cached.has_config
+        return self.config is not None
+
+    @property
+    def image_id(self) -> str | None:
+        """The ID podman gives the image (its config digest's hex), when it has a config."""
+        if self._manifest is None and self._cached is not None:
+            return self._cached.image_id
+        return self.config.digest.hex if self.config is not None else None
+
+    @property
+    def manifest_digest(self) -> str:
+        if self._manifest is None and self._cached is not None:
+            return self._cached.manifest_digest
+        return str(self.manifest.digest)
+
+    @property
+    def layer_digests(self) -> list[str]:
+        """The digests of the manifest's layer blobs, bottom first."""
+        if self._manifest is None and self._cached is not None:
+            return self._cached.layer_digests
+        return [str(blob.digest) for blob in self.manifest.layers]
+
+    @property
+    def diff_ids(self) -> list[str]:
+        """The config's diff IDs, bottom first (none without a config)."""
+        if self._manifest is None and self._cached is not None:
+            return self._cached.diff_ids
+        return [str(d) for d in self.config.diff_ids] if self.config is not None else []
+
+    def with_config(self, config: ImageConfig) -> ImageRecord:
+        return ImageRecord(self.public_name, self.reference, self.manifest, config,
+                           self.index, self.link_name)
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.public_name, self.reference, self.manifest, self.config, self.index,
+                self.link_name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageRecord):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((self.public_name, self.reference))
+
+    def __repr__(self) -> str:
+        return f"ImageRecord({self.public_name!r}, {self.reference!r})"
 
     @property
     def podman_name(self) -> str:
@@ -169,6 +274,8 @@ class ImageRecord:
     @property
     def record_files(self) -> int:
         """How many of its folder's files hold its records (manifest, config, index)."""
+        if self._manifest is None and self._cached is not None:
+            return 1 + self._cached.has_config + self._cached.has_index
         return 1 + (self.config is not None) + (self.index is not None)
 
     @property
@@ -212,13 +319,15 @@ class RepositoryState:
             state.layers = dict(_scan_layers(layout.root / LAYERS, cache))
             for rel in _scan_image_dirs(layout.root / METADATA):
                 try:
-                    state.images.append(_load_image(layout, rel, cache))
+                    image = _load_image(layout, rel, cache)
+                    if image is not None:
+                        state.images.append(image)
                 except (LazypodError, OSError, ValueError, TypeError, KeyError,
                         AttributeError) as exc:
                     state.unreadable[rel] = str(exc) or exc.__class__.__name__
             state.images.sort(key=lambda image: image.public_name)
             state.parsed = len(state.layers) - cache.hits["layers"] + sum(
-                i.record_files for i in state.images if isinstance(i.manifest.body, bytes))
+                i.record_files for i in state.images if not i.from_record_cache)
             if own:
                 cache.save()
         return state
@@ -234,6 +343,13 @@ class RepositoryState:
 
     def layer(self, digest: Digest) -> LayerRecord | None:
         return self.layers.get(digest)
+
+    def diff_ids_by_blob(self) -> dict[str, str]:
+        """The diff ID of each layer with a complete record, both as text, by the
+        layer's blob digest: what tells whether an image's layers are in place from
+        `ImageRecord.layer_digests` and `diff_ids`, without building its records."""
+        return {str(digest): str(record.diff_id) for digest, record in self.layers.items()
+                if record.complete and record.diff_id is not None}
 
     def put_layer(self, record: LayerRecord) -> None:
         self.layers[record.digest] = record
@@ -373,9 +489,10 @@ def _layer_from(digest: Digest, data: list[Any], interned: Interned) -> LayerRec
 
 
 def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
-    """Folders holding a manifest.json, by name relative to `.metadata`. Below the
-    registry level, a folder named with a tag or digest (`repo:tag`, `repo@sha256:..`)
-    is an image and holds no other: it is not listed (10,000 listings less)."""
+    """Folders that may be images, by name relative to `.metadata`: those holding a
+    manifest.json and, below the registry level, those named with a tag or digest
+    (`repo:tag`, `repo@sha256:..`): such a folder is an image (if it has a manifest,
+    which `_load_image` looks for) and holds no other, so it is not listed."""
     top = os.fspath(metadata_root)
     pending = [""]
     while pending:
@@ -394,8 +511,7 @@ def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
                 continue
             child = f"{rel}/{name}" if rel else name
             if rel and (":" in name or "@" in name):
-                if os.path.isfile(f"{top}/{child}/manifest.json"):
-                    yield child
+                yield child
             else:
                 pending.append(child)
 
@@ -403,19 +519,33 @@ def _scan_image_dirs(metadata_root: Path) -> Iterator[str]:
 _IMAGE_FILES = ("manifest.json", "config.json", "index.json")
 
 
-def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord:
+def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord | None:
+    """The image in the folder, or None if it holds no manifest.json (not an image)."""
     directory = f"{layout.root}/{METADATA}/{rel}"
     # Named `registry/repository:tag` or `...@digest`, the folder's name is the
     # reference (DUCC's digest-only folders take theirs from links: not cached).
     named = ":" in rel.rsplit("/", 1)[-1] or "@" in rel
     keys: list[Key] = [stat_key(f"{directory}/{f}") for f in _IMAGE_FILES]
+    if keys[0] == "-" and not os.path.isfile(f"{directory}/manifest.json"):
+        return None  # (an unreadable one is an error the caller reports)
     if named:
         hit = cache.image(rel, directory, keys)
         if hit is not None:
-            return ImageRecord(rel, *hit)
+            return ImageRecord.from_cache(rel, *hit)
+    manifest, raw, config, index = _parse_image_files(directory, rel)
+    reference, link = _reference_for(layout, rel, manifest)
+    if named and (config is not None or keys[1] == "-") and \
+            (index is not None or keys[2] == "-"):
+        cache.put_image(rel, keys, reference, manifest, config, index,
+                        manifest.digest if manifest.raw is raw else Digest.of(raw))
+    return ImageRecord(rel, reference, manifest, config, index, link)
+
+
+def _parse_image_files(directory: str, rel: str
+                       ) -> tuple[ImageManifest, bytes, ImageConfig | None, ManifestIndex | None]:
+    """An image folder's manifest (and the bytes read for it), config and index."""
     raw = _read(os.path.join(directory, "manifest.json"))
     manifest = _parse_stored_manifest(raw)
-    reference, link = _reference_for(layout, rel, manifest)
     config: ImageConfig | None = None
     with contextlib.suppress(FileNotFoundError):
         config_raw = _read(os.path.join(directory, "config.json"))
@@ -430,11 +560,7 @@ def _load_image(layout: Layout, rel: str, cache: RecordCache) -> ImageRecord:
         parsed = parse_manifest(index_raw, None, Digest.of(index_raw))
         if isinstance(parsed, ManifestIndex):
             index = parsed
-    if named and (config is not None or keys[1] == "-") and \
-            (index is not None or keys[2] == "-"):
-        cache.put_image(rel, keys, reference, manifest, config, index,
-                        manifest.digest if manifest.raw is raw else Digest.of(raw))
-    return ImageRecord(rel, reference, manifest, config, index, link)
+    return manifest, raw, config, index
 
 
 def _decode_stored_manifest(raw: bytes) -> tuple[Any, bytes]:

@@ -8,17 +8,20 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..backend import TreeWriter
 from ..digest import Digest
 from ..layout import METADATA, PODMAN_STORE
 from ..repository import RepositoryState
-from .flat import FlatReport, render_flat, write_links
 from .layer_store import LayerStoreReport, render_layer_store
-from .opaque import OpaqueReport, render_opaque
 from .podman_store import StoreReport, render_image_store
 from .scope import FULL, Scope, mark_rendered, scope_by_links, scope_for
 from .store_files import read_store
+
+if TYPE_CHECKING:  # (flat trees and opaque completions: loaded by the publisher only)
+    from .flat import FlatReport
+    from .opaque import OpaqueReport
 
 __all__ = ["ViewOptions", "ViewsReport", "render_origins", "render_views"]
 
@@ -42,6 +45,9 @@ class ViewsReport:
 
 
 def render_views(state: RepositoryState, writer: TreeWriter, options: ViewOptions) -> ViewsReport:
+    from .flat import render_flat, write_links
+    from .opaque import render_opaque
+
     report = ViewsReport()
 
     def warn(message: str) -> None:

@@ -34,7 +34,7 @@ from ..digest import Digest
 from ..fsutil import listdir, write_new
 from ..layout import LAYERFS, PODMAN_LAYERS
 from ..manifest import Compression, Descriptor
-from ..repository import LayerRecord, LayerWhiteouts, RepositoryState
+from ..repository import ImageRecord, LayerRecord, LayerWhiteouts, RepositoryState
 from .scope import FULL, Scope
 
 __all__ = ["LayerStoreReport", "render_layer_store"]
@@ -81,31 +81,33 @@ def render_layer_store(
     public = layers_root or writer.public_root
     root = writer.layout.root / prefix
     present = set() if scope.full else set(listdir(root))
-    wanted: dict[Digest, tuple[LayerRecord, Descriptor]] = {}
-    settled: set[Digest] = set()  # entries left as they are
-    opaque: set[Digest] = set()
+    wanted: set[str] = set()  # entry names (`sha256:<hex>`)
+    made: dict[Digest, tuple[LayerRecord, Descriptor]] = {}  # entries checked or made
+    opaque: set[str] = set()  # names of the layers left out
+    held = state.diff_ids_by_blob() if not scope.full else {}
     for image in state.images:
         rendered = scope.renders(image)
+        if not rendered and _entries_stand(state, held, image, present, wanted, opaque):
+            continue
         for blob in image.manifest.layers:
             record = state.layer(blob.digest)
             if record is None or not record.complete or blob.is_foreign:
                 continue
-            if record.diff_id is None or blob.digest in wanted or blob.digest in opaque:
+            name = f"sha256:{blob.digest.hex}"
+            if record.diff_id is None or name in wanted or name in opaque:
                 continue
-            if not rendered and f"sha256:{blob.digest.hex}" in present:
-                wanted[blob.digest] = (record, blob)
-                settled.add(blob.digest)
+            if not rendered and name in present:
+                wanted.add(name)
                 continue
             whiteouts = LayerWhiteouts.read(state.layout.layer_dir(blob.digest))
             if whiteouts is not None and whiteouts.opaque_dirs:
-                opaque.add(blob.digest)
+                opaque.add(name)
                 continue
-            wanted[blob.digest] = (record, blob)
+            wanted.add(name)
+            made[blob.digest] = (record, blob)
     writer.make_dir(prefix)
     added = 0
-    for digest, (record, blob) in wanted.items():
-        if digest in settled:
-            continue
+    for digest, (record, blob) in made.items():
         name = f"sha256:{digest.hex}"
         target = f"{public}/{state.layout.layer_rel(digest)}/{LAYERFS}"
         info = layer_info(record, blob)
@@ -127,9 +129,30 @@ def render_layer_store(
         writer.replace_dir(f"{prefix}/{name}", fill)
         added += 1
     removed = 0
-    wanted_names = {f"sha256:{d.hex}" for d in wanted}
     for name in listdir(root):
-        if name.startswith("sha256:") and name not in wanted_names:
+        if name.startswith("sha256:") and name not in wanted:
             writer.remove(f"{prefix}/{name}")
             removed += 1
     return LayerStoreReport(len(wanted), added, removed, len(opaque))
+
+
+def _entries_stand(state: RepositoryState, held: dict[str, str], image: ImageRecord,
+                   present: set[str], wanted: set[str], opaque: set[str]) -> bool:
+    """For an image the scope leaves as it is: when every layer of it that belongs here
+    has its entry (or is left out for its opaque directories), take them as they are
+    (the image's record is not built)."""
+    names = []
+    for text in image.layer_digests:  # `held`: RepositoryState.diff_ids_by_blob
+        if text not in held or text in opaque:
+            continue  # a layer the full look leaves out too
+        if not text.startswith("sha256:"):
+            return False
+        if text not in present:
+            whiteouts = LayerWhiteouts.read(state.layout.layer_dir(Digest("sha256", text[7:])))
+            if whiteouts is None or not whiteouts.opaque_dirs:
+                return False  # an entry to make: the full look
+            opaque.add(text)
+            continue
+        names.append(text)
+    wanted.update(names)
+    return True

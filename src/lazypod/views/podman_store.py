@@ -124,8 +124,12 @@ class StoreImage:
 
 @dataclass
 class StoreModel:
-    layers: dict[str, StoreLayer] = field(default_factory=dict)
-    images: dict[str, StoreImage] = field(default_factory=dict)
+    """The store's images and layers, in the order the repository's images come (each
+    image's layers bottom first, a layer where it first appears): made from records,
+    or the old store's entry where the scope leaves the image as it is (`settled`)."""
+
+    layers: dict[str, StoreLayer | StoreEntry] = field(default_factory=dict)
+    images: dict[str, StoreImage | StoreEntry] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     skipped_names: set[str] = field(default_factory=set)  # podman names of skipped images
     # What the scope renders: IDs of images and layers whose directories are checked.
@@ -158,10 +162,18 @@ def big_data_file_name(key: str) -> str:
 
 
 def build_store_model(state: RepositoryState, warn: Callable[[str], None],
-                      scope: Scope = FULL) -> StoreModel:
+                      scope: Scope = FULL, old: StoreFiles | None = None) -> StoreModel:
+    """`old`: the store as read; the images of each ID that `settled` finds in it keep
+    their entries, and their records are not built."""
     model = StoreModel()
     owners: dict[str, str] = {}
+    kept = _settled(state, scope, old) if old is not None else {}
     for image in state.images:
+        found = kept.get(image.image_id or "")
+        if found is not None:
+            assert old is not None
+            _add_settled(model, old, image, *found, owners)
+            continue
         why = _add_image(model, state, image, owners, scope.renders(image))
         if why:
             model.skipped.append(f"{image.public_name}: {why}")
@@ -207,6 +219,60 @@ def _store_records(state: RepositoryState, image: ImageRecord,
     return records
 
 
+def _settled(state: RepositoryState, scope: Scope, old: StoreFiles
+             ) -> dict[str, tuple[StoreEntry, list[str]]]:
+    """The old entries that stand, with their layer chains (top first), by image ID:
+    those of the IDs whose images the scope all leaves as they are, when the entry
+    names exactly these images, with the manifest of the first, and their layer
+    records still hold what the store says (complete, the config's diff IDs). Answered
+    from what identifies each image (`ImageRecord.image_id`...), without building
+    records."""
+    if scope.full:
+        return {}
+    names: dict[str, list[str]] = {}
+    first: dict[str, tuple[str, int]] = {}  # the first image's manifest, its layer count
+    rejected: set[str] = set()
+    seen: set[str] = set()
+    held = state.diff_ids_by_blob()
+    for image in state.images:
+        image_id = image.image_id
+        if image_id is None:
+            continue
+        name = image.podman_name
+        if scope.renders(image) or name in seen or not _layers_hold(held, image):
+            rejected.add(image_id)  # rendered, a name given twice, or a record changed
+        seen.add(name)
+        names.setdefault(image_id, []).append(name)
+        first.setdefault(image_id, (image.manifest_digest, len(image.layer_digests)))
+    found: dict[str, tuple[StoreEntry, list[str]]] = {}
+    for image_id, given in names.items():
+        entry = old.images.get(image_id)
+        if image_id in rejected or entry is None or entry.digest != first[image_id][0] \
+                or list(entry.names) != sorted(given):
+            continue
+        chain = old.chain(entry.layer)
+        if chain is not None and len(chain) == first[image_id][1]:
+            found[image_id] = (entry, chain)
+    return found
+
+
+def _layers_hold(held: dict[str, str], image: ImageRecord) -> bool:
+    """Whether each of the image's layers has a complete record with the config's diff
+    ID (`held`: `RepositoryState.diff_ids_by_blob`)."""
+    return [held.get(blob) for blob in image.layer_digests] == image.diff_ids
+
+
+def _add_settled(model: StoreModel, old: StoreFiles, image: ImageRecord, entry: StoreEntry,
+                 chain: list[str], owners: dict[str, str]) -> None:
+    """An image whose ID's old entry stands (`_settled`): that entry and its layers'."""
+    for layer_id in reversed(chain):
+        if layer_id not in model.layers:
+            model.layers[layer_id] = old.layers[layer_id]
+    owners[image.podman_name] = image.public_name
+    assert image.image_id is not None
+    model.images.setdefault(image.image_id, entry)
+
+
 def _add_image(
     model: StoreModel, state: RepositoryState, image: ImageRecord, owners: dict[str, str],
     rendered: bool = True,
@@ -220,7 +286,7 @@ def _add_image(
     for i, (layer_id, record, blob) in enumerate(
         zip(ids, records, image.manifest.layers, strict=True)
     ):
-        if layer_id not in model.layers:
+        if not isinstance(model.layers.get(layer_id), StoreLayer):  # absent, or an entry
             model.layers[layer_id] = StoreLayer(
                 id=layer_id,
                 parent=ids[i - 1] if i else None,
@@ -233,6 +299,7 @@ def _add_image(
         model.rendered_images.add(config.digest.hex)
         model.rendered_layers.update(ids)
     store_image = model.images.get(config.digest.hex)
+    assert not isinstance(store_image, StoreEntry)  # `settled` takes all of an ID or none
     if store_image is None:
         store_image = model.images[config.digest.hex] = StoreImage(
             id=config.digest.hex,
@@ -283,10 +350,10 @@ def render_image_store(
     `.layers` (default: the writer's public root), for stores built elsewhere; `old`:
     the store's records, when the caller has read them already.
     """
-    model = build_store_model(state, warn, scope)
     root = writer.layout.root / prefix
     public = layers_root or writer.public_root
     old = read_store(root) if old is None else old
+    model = build_store_model(state, warn, scope, old)
     for problem in old.problems:
         warn(f"podman store: {problem}: rewriting it")
     kept_images, kept_layers = _carry_over(model, old, root)
@@ -296,7 +363,8 @@ def render_image_store(
         writer.make_dir(f"{prefix}/{skeleton}")
     added = 0
     for layer in model.layers.values():
-        if not scope.full and layer.id in old.layers and layer.id not in model.rendered_layers:
+        if isinstance(layer, StoreEntry) or (not scope.full and layer.id in old.layers
+                                             and layer.id not in model.rendered_layers):
             continue
         target = f"{public}/{state.layout.layer_rel(layer.record.digest)}/{LAYERFS}"
         added += _ensure_layer_dir(writer, root, prefix, layer, target)
@@ -307,6 +375,8 @@ def render_image_store(
                 f"{public}/{state.layout.layer_rel(layer.record.digest)}/{METADATA}/{TAR_SPLIT}",
             )
     for image in model.images.values():
+        if isinstance(image, StoreEntry):
+            continue
         image.names.sort()
         if scope.full or image.id not in old.images or image.id in model.rendered_images:
             _ensure_big_data(writer, root, prefix, image)
@@ -316,6 +386,9 @@ def render_image_store(
     layer_entries: dict[str, dict[str, Any] | StoreEntry] = {}
     for lid, layer in model.layers.items():
         entry = old.layers.get(lid)
+        if isinstance(layer, StoreEntry):
+            layer_entries[lid] = layer
+            continue
         if entry is not None and not scope.full and lid not in model.rendered_layers:
             layer_entries[lid] = entry
             continue
@@ -364,10 +437,12 @@ def render_image_store(
                        len(stale_layers), model.skipped, kept)
 
 
-def _entry(image: StoreImage, old: StoreFiles, model: StoreModel, scope: Scope
+def _entry(image: StoreImage | StoreEntry, old: StoreFiles, model: StoreModel, scope: Scope
            ) -> dict[str, Any] | StoreEntry:
     """The image's record: the one the store has when the scope leaves the image as it
     is (the same names and manifest), else made anew (its big-data digests hashed)."""
+    if isinstance(image, StoreEntry):
+        return image
     if not scope.full and image.id not in model.rendered_images:
         entry = old.images.get(image.id)
         if entry is not None and list(entry.names) == image.names and \

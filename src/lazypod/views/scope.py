@@ -77,8 +77,8 @@ def scope_for(state: RepositoryState, store_root: Path, old: StoreFiles, public_
              for name in entry.names}
     settled = frozenset(
         image.public_name for image in state.images
-        if image.config is not None and image.public_name not in state.touched
-        and (image.podman_name, image.config.digest.hex, str(image.manifest.digest)) in known)
+        if image.has_config and image.public_name not in state.touched
+        and (image.podman_name, image.image_id, image.manifest_digest) in known)
     return Scope(settled, full=False)
 
 
