@@ -112,7 +112,8 @@ class RecordCache:
     ask for are kept as they were.
 
     The file is a header line (JSON: format, repository), then a section per kind
-    (`@kind`) of one line per entry: `name TAB key TAB payload` (payload: JSON, or a
+    (`@kind`) of one line per entry: `name TAB key TAB payload` (payload: JSON; for an
+    image, a head of the fields that identify it, TAB, JSON (`CachedImage`); or a
     digest's hex). A section is split into entries when its kind is first asked for
     (`ls` never splits the 30,000 digests `check` keeps), entries are held as their
     text, and a payload is decoded when asked for: a tree of JSON objects for 50,000

@@ -184,15 +184,19 @@ class ImageRecord:
         return record
 
     def _built(self) -> ImageManifest:
-        if self._manifest is None:
+        manifest = self._manifest
+        if manifest is None:
             assert self._cached is not None
             try:
-                self._manifest, self._config, self._index = self._cached.build()
+                manifest, config, index = self._cached.build()
             except (ValueError, TypeError, KeyError, IndexError, AttributeError,
                     LazypodError):  # a damaged cache entry: the files themselves
-                self._manifest, _raw, self._config, self._index = _parse_image_files(
+                manifest, _raw, config, index = _parse_image_files(
                     self._cached.directory, self.public_name)
-        return self._manifest
+            # The manifest last: another thread that sees it sees the others.
+            self._config, self._index = config, index
+            self._manifest = manifest
+        return manifest
 
     @property
     def manifest(self) -> ImageManifest:
