@@ -46,11 +46,12 @@ __all__ = ["CachedImage", "Interned", "RecordCache", "cache_dir", "paused_gc", "
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lazypod record cache 7"
+FORMAT = "lazypod record cache 8"
 RACY_SECONDS = 2.0
 KEEP_FILES = 64  # caches of this many repositories; the least recently written go
 
 Key = str  # "size,mtime,ctime" (ns), or "-" for no such file
+_DECODER = json.JSONDecoder()
 
 
 def stat_key(path: str) -> Key:
@@ -170,6 +171,11 @@ class RecordCache:
 
     def _lookup(self, kind: str, name: str, key: str) -> str | None:
         """The payload of a current entry (its key is `key`), or None."""
+        found = self._find(kind, name, key)
+        return None if found is None else found[0][found[1]:]
+
+    def _find(self, kind: str, name: str, key: str) -> tuple[str, int] | None:
+        """A current entry (its key is `key`) and where its payload starts, or None."""
         if kind not in self._asked:
             self._asked.add(kind)
             self._entries(kind)
@@ -177,7 +183,7 @@ class RecordCache:
         if entry is not None and entry.startswith(key) and entry[len(key):len(key) + 1] == "\t":
             self._new[kind][name] = entry
             self.hits[kind] += 1
-            return entry[len(key) + 1:]
+            return entry, len(key) + 1
         self._changed = True
         return None
 
@@ -190,12 +196,12 @@ class RecordCache:
 
     def image(self, rel: str, directory: str, keys: list[Key]
               ) -> tuple[ImageReference, CachedImage] | None:
-        payload = self._lookup("images", rel, ";".join(keys))
-        if payload is None:
+        found = self._find("images", rel, ";".join(keys))
+        if found is None:
             return None
         try:
-            cached = CachedImage(payload, directory, self.interned)
-            return cached.reference(), cached
+            cached = CachedImage(*found, directory, self.interned)
+            return cached.reference, cached
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             self._new["images"].pop(rel, None)
             return None
@@ -296,9 +302,17 @@ def _prune(directory: Path) -> None:
 
 
 def _desc(d: Descriptor) -> list[Any]:
+    return [d.media_type, str(d.digest), d.size, _platform(d)]
+
+
+def _layer_desc(d: Descriptor) -> list[Any]:
+    """A layer's descriptor without its digest (in the entry's head)."""
+    return [d.media_type, d.size, _platform(d)]
+
+
+def _platform(d: Descriptor) -> list[Any] | None:
     plat = d.platform
-    return [d.media_type, str(d.digest), d.size,
-            [plat.os, plat.architecture, plat.variant] if plat else None]
+    return [plat.os, plat.architecture, plat.variant] if plat else None
 
 
 class Interned:
@@ -337,14 +351,14 @@ class Interned:
 
 def _image_data(manifest: ImageManifest, config: ImageConfig | None,
                 index: ManifestIndex | None, file_digest: Digest) -> dict[str, Any]:
+    """The JSON part of an image's entry: what the head (`CachedImage`) does not say
+    (the manifest's digest, its layers' digests and the diff IDs are there)."""
     data: dict[str, Any] = {
-        "m": [manifest.media_type, str(manifest.digest), manifest.size,
-              file_digest != manifest.digest, _desc(manifest.config),
-              [_desc(d) for d in manifest.layers]],
+        "m": [manifest.media_type, manifest.size, file_digest != manifest.digest,
+              _desc(manifest.config), [_layer_desc(d) for d in manifest.layers]],
     }
     if config is not None:
-        data["c"] = [config.size, [str(d) for d in config.diff_ids],
-                     config.created, list(config.env), list(config.entrypoint),
+        data["c"] = [config.size, config.created, list(config.env), list(config.entrypoint),
                      list(config.cmd), config.working_dir, config.labels]
     if index is not None:
         data["i"] = [index.media_type, str(index.digest), index.size,
@@ -363,59 +377,68 @@ class CachedImage:
     digests, diff IDs, index digest, space-separated (lists comma-separated; `-`:
     none)."""
 
-    __slots__ = ("_body", "_directory", "_head", "_interned", "diff_ids", "image_id",
-                 "layer_digests", "manifest_digest")
+    __slots__ = ("_at", "_blobs", "_diff_ids", "_directory", "_entry", "_interned",
+                 "has_index", "image_id", "manifest_digest", "reference")
 
-    def __init__(self, payload: str, directory: str, interned: Interned) -> None:
-        head, tab, self._body = payload.partition("\t")
-        self._head = head.split(" ")
-        if not tab or len(self._head) != 9:
+    def __init__(self, entry: str, at: int, directory: str, interned: Interned) -> None:
+        """`entry[at:]`: the payload (the entry's text is the cache's own: not copied)."""
+        tab = entry.find("\t", at)
+        head = entry[at:tab].split(" ")
+        if tab < 0 or len(head) != 9:
             raise ValueError("not an image entry")
-        self._directory, self._interned = directory, interned
-        _r, _p, _t, _d, self.manifest_digest, image_id, blobs, diff_ids, _i = self._head
+        registry, repository, tag, digest, self.manifest_digest, image_id, \
+            self._blobs, self._diff_ids, index = head
+        self._entry, self._at, self._directory, self._interned = entry, tab + 1, directory, \
+            interned
+        self.reference = ImageReference(registry, repository, tag if tag != "-" else None,
+                                        interned.digest(digest) if digest != "-" else None)
         # podman's ID for the image (its config digest's hex), when it has a config
         self.image_id: str | None = image_id if image_id != "-" else None
-        # The manifest's layer blob digests and the config's diff IDs (none without a
-        # config), bottom first, as text.
-        self.layer_digests: list[str] = blobs.split(",") if blobs != "-" else []
-        self.diff_ids: list[str] = diff_ids.split(",") if diff_ids != "-" else []
+        self.has_index = index != "-"
 
     @property
     def directory(self) -> str:
         """The image's folder."""
         return self._directory
 
-    def reference(self) -> ImageReference:
-        registry, repository, tag, digest = self._head[:4]
-        return ImageReference(registry, repository, tag if tag != "-" else None,
-                              self._interned.digest(digest) if digest != "-" else None)
+    @property
+    def layer_digests(self) -> list[str]:
+        """The manifest's layer blob digests, bottom first."""
+        return self._blobs.split(",") if self._blobs != "-" else []
+
+    @property
+    def diff_ids(self) -> list[str]:
+        """The config's diff IDs, bottom first (none without a config)."""
+        return self._diff_ids.split(",") if self._diff_ids != "-" else []
 
     @property
     def has_config(self) -> bool:
         return self.image_id is not None
 
-    @property
-    def has_index(self) -> bool:
-        return self._head[8] != "-"
-
     def build(self) -> tuple[ImageManifest, ImageConfig | None, ManifestIndex | None]:
-        data, directory, interned = json.loads(self._body), self._directory, self._interned
+        data, _end = _DECODER.raw_decode(self._entry, self._at)
+        directory, interned = self._directory, self._interned
         from .repository import reencode_ducc_manifest  # the one place that knows that form
 
-        m = data["m"]
-        body = StoredBytes(f"{directory}/manifest.json", int(m[2]),
-                           reencode_ducc_manifest if m[3] else None)
-        manifest = ImageManifest(body, interned.digest(m[1]), m[0],
-                                 interned.descriptor(m[4]),
-                                 tuple(interned.descriptor(d) for d in m[5]))
+        media_type, size, reencoded, config_desc, layers = data["m"]
+        body = StoredBytes(f"{directory}/manifest.json", int(size),
+                           reencode_ducc_manifest if reencoded else None)
+        blobs = self.layer_digests
+        if len(blobs) != len(layers):
+            raise ValueError("the entry's head and body disagree")
+        manifest = ImageManifest(
+            body, interned.digest(self.manifest_digest), media_type,
+            interned.descriptor(config_desc),
+            tuple(interned.descriptor([d[0], blob, d[1], d[2]])
+                  for d, blob in zip(layers, blobs, strict=True)))
         config = None
         if "c" in data:
             c = data["c"]
             config = ImageConfig(StoredBytes(f"{directory}/config.json", int(c[0])),
                                  manifest.config.digest,
-                                 tuple(interned.digest(d) for d in c[1]),
-                                 c[2], tuple(c[3]), tuple(c[4]), tuple(c[5]), str(c[6]),
-                                 dict(c[7]))
+                                 tuple(interned.digest(d) for d in self.diff_ids),
+                                 c[1], tuple(c[2]), tuple(c[3]), tuple(c[4]), str(c[5]),
+                                 dict(c[6]))
         index = None
         if "i" in data:
             i = data["i"]

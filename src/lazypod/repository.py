@@ -160,8 +160,8 @@ class ImageRecord:
     cache entry, so that a run that leaves most images as they are builds few
     records."""
 
-    __slots__ = ("_cached", "_config", "_index", "_manifest", "link_name", "public_name",
-                 "reference")
+    __slots__ = ("_cached", "_config", "_from_cache", "_index", "_manifest", "link_name",
+                 "public_name", "reference")
 
     def __init__(self, public_name: str, reference: ImageReference, manifest: ImageManifest,
                  config: ImageConfig | None, index: ManifestIndex | None = None,
@@ -172,7 +172,8 @@ class ImageRecord:
         self._config = config
         self._index = index
         self.link_name = link_name  # the public link, when not `public_name`
-        self._cached: CachedImage | None = None
+        self._cached: CachedImage | None = None  # until built (then the records say)
+        self._from_cache = False
 
     @classmethod
     def from_cache(cls, public_name: str, reference: ImageReference,
@@ -180,22 +181,26 @@ class ImageRecord:
         record = cls.__new__(cls)
         record.public_name, record.reference, record.link_name = public_name, reference, None
         record._manifest = record._config = record._index = None
-        record._cached = cached
+        record._cached, record._from_cache = cached, True
         return record
 
     def _built(self) -> ImageManifest:
-        manifest = self._manifest
+        cached, manifest = self._cached, self._manifest
+        if manifest is None and cached is None:  # another thread built it just now
+            manifest = self._manifest
         if manifest is None:
-            assert self._cached is not None
+            assert cached is not None
             try:
-                manifest, config, index = self._cached.build()
+                manifest, config, index = cached.build()
             except (ValueError, TypeError, KeyError, IndexError, AttributeError,
                     LazypodError):  # a damaged cache entry: the files themselves
                 manifest, _raw, config, index = _parse_image_files(
-                    self._cached.directory, self.public_name)
-            # The manifest last: another thread that sees it sees the others.
+                    cached.directory, self.public_name)
+            # The manifest last (and the entry dropped after it): another thread that
+            # sees it sees the others.
             self._config, self._index = config, index
             self._manifest = manifest
+            self._cached = None  # (its text is the cache's; the records now answer)
         return manifest
 
     @property
@@ -217,7 +222,7 @@ class ImageRecord:
     @property
     def from_record_cache(self) -> bool:
         """Whether the record came from the record cache (not parsed from its files)."""
-        return self._cached is not None
+        return self._from_cache
 
     @property
     def has_config(self) -> bool:
