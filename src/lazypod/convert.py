@@ -161,6 +161,7 @@ class Converter:
                                               layer_attempts=self._options.layer_attempts),
                                  self._progress, self._notifier)
             pipeline.run()
+            run.write_back()  # while the views are rendered
             converted = [image for image in report.images if image.ok and not image.skipped]
             if converted:
                 views = self._options.views

@@ -274,6 +274,9 @@ class CvmfsRun:
 
     # -- settle and commit ---------------------------------------------------------
 
+    def write_back(self) -> None:
+        """Nothing to start: the layers go into the repository with the ingest."""
+
     def settle(self) -> None:
         pending, self._pending = self._pending, {}
         self._fresh = {digest.hex for digest in pending}  # their files go with this ingest

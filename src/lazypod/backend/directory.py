@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def sync_file_system(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_quietly(path: Path) -> None:
+    """`sync_file_system` ahead of time: a failure is `settle()`'s to report."""
+    with contextlib.suppress(OSError):
+        sync_file_system(path)
+
+
 class DirectoryBackend:
     name = "dir"
 
@@ -112,6 +119,7 @@ class DirectoryBackend:
             try:
                 yield run
             finally:
+                run._written_back()
                 remove_tree(staging, quiet=True)
                 with contextlib.suppress(OSError):
                     staging_root.rmdir()
@@ -159,6 +167,7 @@ class DirectoryRun:
         self._waiting: list[Callable[[], None]] = []
         self._settles = 0
         self._fs = process_fs()  # chosen once per run, for every layer it unpacks
+        self._writing_back: threading.Thread | None = None
 
     def _temp(self, hint: str) -> Path:
         return self._staging / f"{next(self._counter)}-{hint}"
@@ -196,7 +205,22 @@ class DirectoryRun:
     def _add_pending(self, layer: DirectoryStagedLayer) -> None:
         self._pending.setdefault(layer.digest, layer)
 
+    def write_back(self) -> None:
+        """Start writing the staged layers to disk (one syncfs, in a thread) while the
+        caller builds views: the sync `settle()` owes before the layer records then
+        finds little left to write. Durability still rests on that sync."""
+        if self._pending and self._writing_back is None:
+            self._writing_back = threading.Thread(
+                target=_sync_quietly, args=(self._staging,), name="write-back", daemon=True)
+            self._writing_back.start()
+
+    def _written_back(self) -> None:
+        if self._writing_back is not None:
+            self._writing_back.join()
+            self._writing_back = None
+
     def settle(self) -> None:
+        self._written_back()
         pending, self._pending = self._pending, {}
         with _wrap_io("layers"):
             for layer in pending.values():
