@@ -8,15 +8,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import FakeRegistry, convert
 
-from lazypod import IntegrityError, Layout, record_cache
+from lazypod import IntegrityError, Layout, Platform, record_cache
 from lazypod import repository as repository_module
 from lazypod.repository import RepositoryState
 from lazypod.views.podman_store import build_store_model
-from support.images import Entry, image, layer
+from support.images import Entry, image, index, layer
 
 BASE = layer([Entry("etc/", "dir"), Entry("etc/os-release", data=b"ID=test\n")])
 
@@ -96,6 +97,38 @@ def test_the_store_model_is_the_same_from_the_cache(tmp_path: Path) -> None:
     cached = build_store_model(load(tmp_path), lambda message: None)
     assert [i.entry() for i in cached.images.values()] == \
         [i.entry() for i in parsed.images.values()]
+
+
+def fields(record: Any) -> tuple[Any, ...]:
+    """What a record says, identity first (answered before its build when deferred)."""
+    ident = (record.public_name, record.reference, record.podman_name, record.has_config,
+             record.image_id, record.manifest_digest, record.layer_digests, record.diff_ids,
+             record.record_files)
+    m, c, i = record.manifest, record.config, record.index
+    return (*ident, m.digest, m.media_type, m.config, m.layers, m.size,
+            c and (c.digest, c.diff_ids, c.created, c.env, c.entrypoint, c.cmd,
+                   c.working_dir, c.labels, c.size),
+            i and (i.digest, i.media_type, i.manifests, i.size))
+
+
+def test_a_record_from_the_cache_says_what_the_parsed_one_says(tmp_path: Path) -> None:
+    # An image of a multi-platform index (index.json), one without layers, and plain
+    # ones: identity from the entry's head, the rest from its body.
+    registry = FakeRegistry()
+    host = Platform.host()
+    multi = image([BASE, layer([Entry("m", data=b"m")])], arch=host.architecture)
+    names = [registry.push_index("library/multi", "1", index(
+        [(multi, "linux", host.architecture, host.variant)]), [multi]),
+        registry.push("library/empty", "1", image([])),
+        registry.push("library/a", "1", image([BASE]))]
+    convert(registry, tmp_path, *names)
+    time.sleep(0.02)
+    parsed = load(tmp_path)
+    cached = load(tmp_path)
+    assert all(not i.from_record_cache for i in parsed.images)
+    assert all(i.from_record_cache for i in cached.images)
+    assert any(i.index is not None for i in parsed.images)
+    assert [fields(i) for i in cached.images] == [fields(i) for i in parsed.images]
 
 
 def test_a_record_rewritten_in_place_is_read_again(tmp_path: Path,
