@@ -126,7 +126,7 @@ class StoreImage:
 class StoreModel:
     """The store's images and layers, in the order the repository's images come (each
     image's layers bottom first, a layer where it first appears): made from records,
-    or the old store's entry where the scope leaves the image as it is (`settled`)."""
+    or the old store's entry where the scope leaves the image as it is (`_settled`)."""
 
     layers: dict[str, StoreLayer | StoreEntry] = field(default_factory=dict)
     images: dict[str, StoreImage | StoreEntry] = field(default_factory=dict)
@@ -163,7 +163,7 @@ def big_data_file_name(key: str) -> str:
 
 def build_store_model(state: RepositoryState, warn: Callable[[str], None],
                       scope: Scope = FULL, old: StoreFiles | None = None) -> StoreModel:
-    """`old`: the store as read; the images of each ID that `settled` finds in it keep
+    """`old`: the store as read; the images of each ID that `_settled` finds in it keep
     their entries, and their records are not built."""
     model = StoreModel()
     owners: dict[str, str] = {}
