@@ -299,7 +299,7 @@ def _add_image(
         model.rendered_images.add(config.digest.hex)
         model.rendered_layers.update(ids)
     store_image = model.images.get(config.digest.hex)
-    assert not isinstance(store_image, StoreEntry)  # `settled` takes all of an ID or none
+    assert not isinstance(store_image, StoreEntry)  # `_settled` takes all of an ID or none
     if store_image is None:
         store_image = model.images[config.digest.hex] = StoreImage(
             id=config.digest.hex,
