@@ -33,6 +33,18 @@ def record_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ["LAZYPOD_CACHE_DIR"] = saved
 
 
+@pytest.fixture()
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A record cache of the test's own, with no racy-file margin: the tests change
+    files right after reading them (and wait out the clock tick themselves)."""
+    from lazypod import record_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LAZYPOD_CACHE_DIR", str(cache))
+    monkeypatch.setattr(record_cache, "RACY_SECONDS", 0.0)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = Registry(tmp_path_factory.mktemp("registry"))

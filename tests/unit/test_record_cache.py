@@ -22,14 +22,7 @@ from support.images import Entry, image, index, layer
 BASE = layer([Entry("etc/", "dir"), Entry("etc/os-release", data=b"ID=test\n")])
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("LAZYPOD_CACHE_DIR", str(cache))
-    # The tests change files right after reading them: no racy-file margin (they wait
-    # out the clock tick themselves).
-    monkeypatch.setattr(record_cache, "RACY_SECONDS", 0.0)
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # (conftest.py)
 
 
 def repository(root: Path) -> tuple[str, str]:

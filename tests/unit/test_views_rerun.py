@@ -25,12 +25,7 @@ FILES = ("store/overlay-images/images.json", "store/overlay-layers/layers.json")
 STORE_IMAGES = ".podmanStore/overlay-images/images.json"  # the publisher's
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("LAZYPOD_CACHE_DIR", str(cache))
-    monkeypatch.setattr(record_cache, "RACY_SECONDS", 0.0)
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # (conftest.py)
 
 
 def app(n: int, *, opaque: bool = False) -> Image:
