@@ -208,17 +208,10 @@ class RecordCache:
     def put_image(self, rel: str, keys: list[Key], reference: ImageReference,
                   manifest: ImageManifest, config: ImageConfig | None,
                   index: ManifestIndex | None, file_digest: Digest) -> None:
-        data = _image_data(manifest, config, index, file_digest)
-        head = [reference.registry, reference.repository, reference.tag or "-",
-                str(reference.digest) if reference.digest else "-", str(manifest.digest),
-                config.digest.hex if config is not None else "-",
-                ",".join(str(blob.digest) for blob in manifest.layers) or "-",
-                (",".join(str(d) for d in config.diff_ids) or "-") if config is not None else "-",
-                str(index.digest) if index is not None else "-"]
-        if any(not field or " " in field or "\t" in field for field in head):
-            return  # (no such names or digests: not cached rather than misread)
-        self._put("images", rel, keys,
-                  " ".join(head) + "\t" + json.dumps(data, separators=(",", ":")))
+        head = CachedImage.head(reference, manifest, config, index)
+        if head is not None:
+            data = _image_data(manifest, config, index, file_digest)
+            self._put("images", rel, keys, f"{head}\t{json.dumps(data, separators=(',', ':'))}")
 
     def layer(self, hex_digest: str, keys: list[Key]) -> list[Any] | None:
         payload = self._lookup("layers", hex_digest, ";".join(keys))
@@ -404,6 +397,21 @@ class CachedImage:
         # podman's ID for the image (its config digest's hex), when it has a config
         self.image_id: str | None = image_id if image_id != "-" else None
         self.has_index = index != "-"
+
+    @staticmethod
+    def head(reference: ImageReference, manifest: ImageManifest, config: ImageConfig | None,
+             index: ManifestIndex | None) -> str | None:
+        """The head of an entry for these records (None: one that could be misread)."""
+        fields = [reference.registry, reference.repository, reference.tag or "-",
+                  str(reference.digest) if reference.digest else "-", str(manifest.digest),
+                  config.digest.hex if config is not None else "-",
+                  ",".join(str(blob.digest) for blob in manifest.layers) or "-",
+                  (",".join(str(d) for d in config.diff_ids) or "-") if config is not None
+                  else "-",
+                  str(index.digest) if index is not None else "-"]
+        if any(not field or " " in field or "\t" in field for field in fields):
+            return None  # (no such names or digests: not cached rather than misread)
+        return " ".join(fields)
 
     @property
     def directory(self) -> str:

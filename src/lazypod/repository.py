@@ -172,7 +172,7 @@ class ImageRecord:
         self._config = config
         self._index = index
         self.link_name = link_name  # the public link, when not `public_name`
-        self._cached: CachedImage | None = None  # until built (then the records say)
+        self._cached: CachedImage | None = None  # the cache's entry, until built
         self._from_cache = False
 
     @classmethod
@@ -224,54 +224,45 @@ class ImageRecord:
         """Whether the record came from the record cache (not parsed from its files)."""
         return self._from_cache
 
+    # What identifies the image: from the cache's entry while the record is not built.
+
     @property
     def has_config(self) -> bool:
-        if self._manifest is None and self._cached is not None:
-            return self._cached.has_config
-        return self.config is not None
+        cached = self._cached
+        return cached.has_config if cached is not None else self.config is not None
 
     @property
     def image_id(self) -> str | None:
         """The ID podman gives the image (its config digest's hex), when it has a config."""
-        if self._manifest is None and self._cached is not None:
-            return self._cached.image_id
+        cached = self._cached
+        if cached is not None:
+            return cached.image_id
         return self.config.digest.hex if self.config is not None else None
 
     @property
     def manifest_digest(self) -> str:
-        if self._manifest is None and self._cached is not None:
-            return self._cached.manifest_digest
-        return str(self.manifest.digest)
+        cached = self._cached
+        return cached.manifest_digest if cached is not None else str(self.manifest.digest)
 
     @property
     def layer_digests(self) -> list[str]:
         """The digests of the manifest's layer blobs, bottom first."""
-        if self._manifest is None and self._cached is not None:
-            return self._cached.layer_digests
+        cached = self._cached
+        if cached is not None:
+            return cached.layer_digests
         return [str(blob.digest) for blob in self.manifest.layers]
 
     @property
     def diff_ids(self) -> list[str]:
         """The config's diff IDs, bottom first (none without a config)."""
-        if self._manifest is None and self._cached is not None:
-            return self._cached.diff_ids
+        cached = self._cached
+        if cached is not None:
+            return cached.diff_ids
         return [str(d) for d in self.config.diff_ids] if self.config is not None else []
 
     def with_config(self, config: ImageConfig) -> ImageRecord:
         return ImageRecord(self.public_name, self.reference, self.manifest, config,
                            self.index, self.link_name)
-
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.public_name, self.reference, self.manifest, self.config, self.index,
-                self.link_name)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ImageRecord):
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash((self.public_name, self.reference))
 
     def __repr__(self) -> str:
         return f"ImageRecord({self.public_name!r}, {self.reference!r})"
@@ -283,8 +274,9 @@ class ImageRecord:
     @property
     def record_files(self) -> int:
         """How many of its folder's files hold its records (manifest, config, index)."""
-        if self._manifest is None and self._cached is not None:
-            return 1 + self._cached.has_config + self._cached.has_index
+        cached = self._cached
+        if cached is not None:
+            return 1 + cached.has_config + cached.has_index
         return 1 + (self.config is not None) + (self.index is not None)
 
     @property

@@ -99,8 +99,7 @@ def render_layer_store(
             if not rendered and name in present:
                 wanted.add(name)
                 continue
-            whiteouts = LayerWhiteouts.read(state.layout.layer_dir(blob.digest))
-            if whiteouts is not None and whiteouts.opaque_dirs:
+            if _has_opaque_dirs(state, blob.digest):
                 opaque.add(name)
                 continue
             wanted.add(name)
@@ -148,11 +147,16 @@ def _entries_stand(state: RepositoryState, held: dict[str, str], image: ImageRec
         if not text.startswith("sha256:"):
             return False
         if text not in present:
-            whiteouts = LayerWhiteouts.read(state.layout.layer_dir(Digest("sha256", text[7:])))
-            if whiteouts is None or not whiteouts.opaque_dirs:
+            if not _has_opaque_dirs(state, Digest("sha256", text[7:])):
                 return False  # an entry to make: the full look
             opaque.add(text)
             continue
         names.append(text)
     wanted.update(names)
     return True
+
+
+def _has_opaque_dirs(state: RepositoryState, digest: Digest) -> bool:
+    """Whether the layer has opaque directories (then it stays out of this store)."""
+    whiteouts = LayerWhiteouts.read(state.layout.layer_dir(digest))
+    return whiteouts is not None and bool(whiteouts.opaque_dirs)
